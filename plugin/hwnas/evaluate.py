@@ -1,0 +1,47 @@
+"""Quality measurements of a causal LM: held-out perplexity and greedy generation."""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: int = 8, max_len: int = 512,
+               progress: bool = True) -> dict[str, float]:
+    """Token-level perplexity over `texts`, each scored on its own (every token after the first)."""
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    batches = range(0, len(texts), batch_size)
+    for start in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
+        enc = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_len] for t in texts[start:start + batch_size]]
+        enc = [ids for ids in enc if len(ids) > 1]
+        if not enc:
+            continue
+        width = max(map(len, enc))
+        ids = torch.zeros(len(enc), width, dtype=torch.long)
+        mask = torch.zeros(len(enc), width, dtype=torch.long)
+        for i, row in enumerate(enc):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+        target, valid = ids[:, 1:], mask[:, 1:].bool()
+        loss = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+        nll += loss[valid].sum().item()
+        count += int(valid.sum())
+    if count == 0:
+        raise ValueError("no text to score: every passage was shorter than two tokens")
+    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count, "passages": len(texts)}
+
+
+@torch.no_grad()
+def greedy_generate(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 20, use_cache: bool = True) -> str:
+    """Greedy continuation of `prompt` (the new text only)."""
+    enc = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=use_cache,
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)

