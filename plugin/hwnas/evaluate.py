@@ -42,6 +42,7 @@ def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: 
 def greedy_generate(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 20, use_cache: bool = True) -> str:
     """Greedy continuation of `prompt` (the new text only)."""
     enc = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+    enc = {k: enc[k] for k in ("input_ids", "attention_mask") if k in enc}
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=use_cache,
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)

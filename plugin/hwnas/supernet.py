@@ -294,13 +294,16 @@ class Supernet(nn.Module):
             for h in hooks:
                 h.remove()
         tokens = input_ids.numel()
-        order: dict[str, Any] = {"mlp": [], "heads": [], "block_influence": (bi / tokens).tolist()}
+        order: dict[str, Any] = {"mlp": [], "heads": [], "mlp_scores": [], "head_scores": [],
+                                 "block_influence": (bi / tokens).tolist()}
         group = n_heads // c.num_key_value_heads
         elastic_kv = len(self.search_space.kv_head_choices) > 1
         for i, layer in enumerate(self.all_layers):
             down_norm = layer.mlp.down_proj.weight.double().norm(dim=0).cpu()
             score = (mlp_sq[i] / tokens).sqrt() * down_norm
             order["mlp"].append(torch.argsort(score, descending=True, stable=True).tolist())
+            order["mlp_scores"].append(score.tolist())  # indexed by the channel's position before reordering
+            order["head_scores"].append((head_sq[i] / tokens).sqrt().tolist())
             hs = (head_sq[i] / tokens).view(-1, group)  # (kv groups, heads per group)
             groups = (torch.argsort(hs.sum(1), descending=True, stable=True) if elastic_kv
                       else torch.arange(hs.shape[0])).tolist()

@@ -1,0 +1,102 @@
+"""Shared fixtures: tiny random Llamas (GQA, MHA, biased/untied) with a small trained BPE tokenizer."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+_REAL_HOME = Path(os.environ.get("HWNAS_HOME") or Path(__file__).resolve().parents[1] / ".cache" / "hwnas")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hwnas_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh hwnas folder per session; the converted default model is shared so it is built once."""
+    home = tmp_path_factory.mktemp("hwnas_home")
+    (_REAL_HOME / "models").mkdir(parents=True, exist_ok=True)
+    (home / "models").symlink_to(_REAL_HOME / "models", target_is_directory=True)
+    os.environ["HWNAS_HOME"] = str(home)
+    return home
+
+
+def _tokenizer(path: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [
+        "The capital of France is Paris. The capital of Italy is Rome.",
+        "She looked at him and smiled, then walked to the door without a word.",
+        "A small model learns the shape of language from many pages of books.",
+    ] * 20
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="</s>",
+                                   model_input_names=["input_ids", "attention_mask"])
+    fast.save_pretrained(path)
+    return fast
+
+
+VARIANTS = {
+    # grouped-query attention: 4 query heads in 2 KV groups
+    "gqa": dict(num_attention_heads=4, num_key_value_heads=2),
+    # multi-head attention (like LLaMA2-7B): heads are pruned as whole KV groups
+    "mha": dict(num_attention_heads=4, num_key_value_heads=4),
+    # biases everywhere and an untied LM head
+    "bias": dict(num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True,
+                 tie_word_embeddings=False),
+}
+
+
+def build_tiny(path: Path, variant: str = "gqa", seed: int = 0) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _tokenizer(path)
+    kwargs = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+                  max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=True,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    kwargs.update(VARIANTS[variant])
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**kwargs))
+    with torch.no_grad():  # non-trivial norms so that a reordering bug cannot hide behind all-ones weights
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return {v: build_tiny(tmp_path_factory.mktemp(f"tiny_{v}"), v) for v in VARIANTS}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_models: dict[str, Path]) -> Path:
+    return tiny_models["gqa"]
+
+
+@pytest.fixture(params=list(VARIANTS))
+def variant_dir(request: pytest.FixtureRequest, tiny_models: dict[str, Path]) -> Path:
+    return tiny_models[request.param]
+
+
+@pytest.fixture
+def run_cli(hwnas_home: Path):
+    """Run `hwnas ...` in a subprocess; returns the CompletedProcess."""
+    import subprocess
+
+    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        env = {**os.environ, "HWNAS_HOME": str(hwnas_home)}
+        proc = subprocess.run([sys.executable, "-m", "hwnas.cli", *args], capture_output=True, text=True, env=env,
+                              timeout=600)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"hwnas {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+        return proc
+
+    return run

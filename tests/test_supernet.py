@@ -1,0 +1,157 @@
+import dataclasses
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from hwnas import HwnasError, HwnasLlamaForCausalLM, Supernet, SubnetConfig
+from hwnas.hub import load_model
+from hwnas.supernet import ElasticLinear
+
+IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 31, 64, 128, 11, 2]])
+
+
+def calibrated(path) -> Supernet:
+    model, tok = load_model(path)
+    sn = Supernet(model, tok, name=str(path))
+    torch.manual_seed(1)
+    sn.calibrate(torch.randint(0, model.config.vocab_size, (4, 32)))
+    return sn
+
+
+def configs(sn: Supernet) -> list[SubnetConfig]:
+    s = sn.search_space
+    L = s.num_layers
+    smallest = dataclasses.replace(s.min_config(), layers=(L - 1,))  # drops layer 0: KV cache renumbered
+    uniform = SubnetConfig(L, (0, 2, 3), (s.mlp_choices[1],) * 3, (s.head_choices[0],) * 3,
+                           (s.kv_head_choices[0],) * 3)
+    return [smallest, uniform] + [s.sample(seed) for seed in range(4)]
+
+
+def test_reordering_keeps_the_full_output_and_is_a_real_permutation(variant_dir):
+    model, tok = load_model(variant_dir)
+    ref = model(IDS).logits
+    sn = Supernet(model, tok)
+    torch.manual_seed(1)
+    batch = torch.randint(0, model.config.vocab_size, (4, 32))
+    order = sn.calibrate(batch)
+    assert torch.allclose(sn(IDS).logits, ref, atol=1e-5)
+    assert any(p != sorted(p) for p in order["mlp"]), "calibration reordered nothing"
+    # after reordering, every prefix holds the highest scores: a second pass on the same text finds them sorted
+    again = sn.calibrate(batch)
+    for key in ("mlp_scores", "head_scores"):
+        for scores in again[key]:
+            s = torch.tensor(scores)
+            if key == "head_scores" and model.config.num_key_value_heads < model.config.num_attention_heads:
+                s = s.view(model.config.num_key_value_heads, -1)  # GQA: sorted within each KV group
+            assert (s[..., :-1] >= s[..., 1:] - 1e-6 * s.max()).all()
+    assert len(order["block_influence"]) == model.config.num_hidden_layers
+
+
+def test_set_max_is_the_original_model(tiny_model):
+    model, tok = load_model(tiny_model)
+    ref = model(IDS).logits
+    sn = Supernet(model, tok)
+    sn.set_active(sn.search_space.sample(3))
+    sn.set_max()
+    assert torch.equal(sn(IDS).logits, ref)
+
+
+def test_extracted_models_match_the_active_supernet(variant_dir, tmp_path):
+    sn = calibrated(variant_dir)
+    for i, cfg in enumerate(configs(sn)):
+        sn.set_active(cfg)
+        active = sn(IDS).logits
+        sub = sn.extract(cfg)
+        assert isinstance(sub, HwnasLlamaForCausalLM) != cfg.is_uniform
+        assert (sub(IDS).logits - active).abs().max() <= 1e-4
+        assert sum(p.numel() for p in sub.parameters()) == sn.num_parameters_of(cfg)
+        sub.save_pretrained(tmp_path / str(i))
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / str(i))
+        assert (reloaded(IDS).logits - active).abs().max() <= 1e-4
+        assert reloaded.config.model_type == ("llama" if cfg.is_uniform else "hwnas_llama")
+
+
+def test_uniform_subnet_is_a_plain_llama_checkpoint(tiny_model, tmp_path):
+    sn = calibrated(tiny_model)
+    s = sn.search_space
+    cfg = SubnetConfig(4, (1, 2), (128, 128), (2, 2), (2, 2))
+    sn.extract(cfg).save_pretrained(tmp_path)
+    plain = LlamaForCausalLM.from_pretrained(tmp_path)  # no hwnas class involved
+    assert type(plain) is LlamaForCausalLM
+    c = plain.config
+    assert (c.num_hidden_layers, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads) == (2, 128, 2, 2)
+    assert c.head_dim == 16 and s.num_layers == 4
+    sn.set_active(cfg)
+    assert (plain(IDS).logits - sn(IDS).logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_matches_with_and_without_kv_cache(variant_dir, use_cache):
+    sn = calibrated(variant_dir)
+    for cfg in configs(sn)[:3]:
+        sn.set_active(cfg)
+        kw = dict(max_new_tokens=8, do_sample=False, use_cache=use_cache, output_scores=True,
+                  return_dict_in_generate=True, pad_token_id=0)
+        a = sn.generate(IDS[:, :5], **kw)
+        b = sn.extract(cfg).generate(IDS[:, :5], **kw)
+        assert torch.equal(a.sequences, b.sequences)
+        assert max((x - y).abs().max().item() for x, y in zip(a.scores, b.scores)) <= 1e-4
+    # cached and uncached decoding agree too
+    sn.set_active(configs(sn)[0])
+    c = sn.generate(IDS[:, :5], max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
+    n = sn.generate(IDS[:, :5], max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(c, n)
+
+
+def test_activation_shares_weights_without_copies(tiny_model):
+    sn = calibrated(tiny_model)
+    params = {id(p): p.data_ptr() for p in sn.parameters()}
+    numel = sum(p.numel() for p in sn.parameters())
+    for seed in range(20):
+        sn.set_active(sn.search_space.sample(seed))
+        sn(IDS)
+    assert {id(p): p.data_ptr() for p in sn.parameters()} == params
+    assert sum(p.numel() for p in sn.parameters()) == numel
+    cfg = SubnetConfig(4, (0,), (64,), (4,), (2,))
+    sn.set_active(cfg)
+    gate = sn.all_layers[0].mlp.gate_proj
+    assert isinstance(gate, ElasticLinear)
+    assert gate.active_weight()[0].data_ptr() == gate.weight.data_ptr()  # a view, not a copy
+    assert gate.active_weight()[0].shape == (64, 64)
+    assert len(sn.model.model.layers) == 1 and sn.model.model.layers[0].self_attn.layer_idx == 0
+
+
+def test_mha_prunes_whole_kv_groups_per_layer(tiny_models):
+    sn = calibrated(tiny_models["mha"])
+    assert sn.search_space.q_per_kv_choices == (1,) and sn.search_space.kv_head_choices == (1, 2, 3, 4)
+    cfg = SubnetConfig(4, (0, 1, 3), (256, 64, 128), (1, 3, 4), (1, 3, 4))
+    sub = sn.extract(cfg)
+    shapes = [s["num_key_value_heads"] for s in sub.config.layer_shapes]
+    assert shapes == [1, 3, 4]
+    assert sub.model.layers[1].self_attn.k_proj.weight.shape == (48, 64)
+    sn.set_active(cfg)
+    assert (sub(IDS).logits - sn(IDS).logits).abs().max() <= 1e-4
+
+
+def test_bad_configs_are_refused(tiny_model):
+    sn = calibrated(tiny_model)
+    with pytest.raises(HwnasError, match="30-layer model, but this model has 4 layers"):
+        sn.set_active(SubnetConfig(30, (0,), (64,), (2,), (2,)))
+    with pytest.raises(HwnasError, match="MLP width 100 is not a choice"):
+        sn.extract(SubnetConfig(4, (0,), (100,), (2,), (2,)))
+    with pytest.raises(HwnasError, match="not match this model's layer count"):
+        sn.apply_order({"mlp": [], "heads": []})
+
+
+def test_from_pretrained_caches_the_importance_order(tiny_model, hwnas_home):
+    a = Supernet.from_pretrained(tiny_model)
+    cached = list((hwnas_home / "importance").glob("*.json"))
+    assert cached
+    b = Supernet.from_pretrained(tiny_model)
+    assert list((hwnas_home / "importance").glob("*.json")) == cached
+    cfg = a.search_space.sample(5)
+    a.set_active(cfg)
+    b.set_active(cfg)
+    assert torch.equal(a(IDS).logits, b(IDS).logits)
+    assert a.layer_importance == b.layer_importance and a.layer_importance is not None
