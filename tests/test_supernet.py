@@ -155,3 +155,16 @@ def test_from_pretrained_caches_the_importance_order(tiny_model, hwnas_home):
     b.set_active(cfg)
     assert torch.equal(a(IDS).logits, b(IDS).logits)
     assert a.layer_importance == b.layer_importance and a.layer_importance is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_supernet_on_cuda_in_half_precision(tiny_model):
+    sn = Supernet.from_pretrained(tiny_model, dtype="float16", device="cuda")
+    ids = IDS.cuda()
+    for seed in range(3):
+        cfg = sn.search_space.sample(seed)
+        sn.set_active(cfg)
+        sub = sn.extract(cfg)
+        assert sub.device.type == "cuda" and sub.dtype == torch.float16
+        assert (sub(ids).logits - sn(ids).logits).abs().max() <= 1e-2
