@@ -157,6 +157,15 @@ def test_from_pretrained_caches_the_importance_order(tiny_model, hwnas_home):
     assert a.layer_importance == b.layer_importance and a.layer_importance is not None
 
 
+def test_half_precision_supernet_extracts_in_its_own_dtype(tiny_model):
+    sn = Supernet.from_pretrained(tiny_model, dtype="bfloat16")
+    cfg = sn.search_space.sample(2)
+    sn.set_active(cfg)
+    sub = sn.extract(cfg)
+    assert sub.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in sub.parameters())
+    assert torch.equal(sub(IDS).logits, sn(IDS).logits)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_supernet_on_cuda_in_half_precision(tiny_model):

@@ -215,8 +215,9 @@ class Supernet(nn.Module):
         try:
             config = subnet_model_config(self.base_config, cfg, source=self.name)
             config._attn_implementation = self.model.config._attn_implementation
-            with no_init_weights():
-                model = model_class(config)(config)
+            # built directly in the supernet's dtype and device: no full-precision copy of a 7B model on the host
+            with no_init_weights(), torch.device(self.model.device):
+                model = model_class(config)._from_config(config, dtype=self.model.dtype)
             state = {}
             for pos, layer in enumerate(self.model.model.layers):
                 prefix = f"model.layers.{pos}."
@@ -237,7 +238,6 @@ class Supernet(nn.Module):
             missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
             assert not missing and not unexpected, (missing, unexpected)
             model.tie_weights()
-            model.to(dtype=self.model.dtype, device=self.model.device)
             model.generation_config = copy.deepcopy(self.model.generation_config)
             return model.eval()
         finally:
