@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
-from .common import HwnasError, atomic_write_json, home
+from .common import HwnasError, atomic_write_json, home, read_json
 from .modeling import model_class, subnet_model_config
 from .space import SearchSpace, SubnetConfig
 
@@ -140,7 +139,7 @@ class Supernet(nn.Module):
         if calibration is not None:
             cache = home() / "importance" / f"{_fingerprint(path, calibration)}.json"
             if cache.is_file():
-                sn.apply_order(json.loads(cache.read_text()))
+                sn.apply_order(read_json(cache, "cached importance order"))
             else:
                 if tokenizer is None:
                     raise HwnasError(f"{path} has no tokenizer, which importance calibration needs")
