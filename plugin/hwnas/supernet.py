@@ -302,8 +302,9 @@ class Supernet(nn.Module):
             score = (mlp_sq[i] / tokens).sqrt() * down_norm
             order["mlp"].append(torch.argsort(score, descending=True, stable=True).tolist())
             order["mlp_scores"].append(score.tolist())  # indexed by the channel's position before reordering
-            order["head_scores"].append((head_sq[i] / tokens).sqrt().tolist())
-            hs = (head_sq[i] / tokens).view(-1, group)  # (kv groups, heads per group)
+            head_ms = head_sq[i] / tokens
+            order["head_scores"].append(head_ms.sqrt().tolist())
+            hs = head_ms.view(-1, group)  # (kv groups, heads per group)
             groups = (torch.argsort(hs.sum(1), descending=True, stable=True) if elastic_kv
                       else torch.arange(hs.shape[0])).tolist()
             within = torch.argsort(hs, dim=1, descending=True, stable=True)
