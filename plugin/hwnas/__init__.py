@@ -11,9 +11,14 @@ from .common import HwnasError, point_library_caches
 point_library_caches()  # before transformers is imported, so that its caches stay in the project
 
 from .hub import DEFAULT_MODEL  # noqa: E402
-from .modeling import HwnasLlamaConfig, HwnasLlamaForCausalLM  # noqa: E402  (registers the Auto classes)
 from .space import SearchSpace, SubnetConfig  # noqa: E402
-from .supernet import Calibration, Supernet  # noqa: E402
+
+try:
+    from .modeling import HwnasLlamaConfig, HwnasLlamaForCausalLM  # noqa: E402  (registers the Auto classes)
+    from .supernet import Calibration, Supernet  # noqa: E402
+except ImportError as e:  # an edge device with only numpy and a runtime: `python -m hwnas.runner` still works
+    if e.name not in ("torch", "transformers"):
+        raise
 
 __all__ = [
     "DEFAULT_MODEL",
