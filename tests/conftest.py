@@ -100,3 +100,16 @@ def run_cli(hwnas_home: Path):
         return proc
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_tables(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Latency tables of the tiny GQA model, measured once: torch fp32 and onnxruntime fp32."""
+    from hwnas.latency import profile
+
+    d = tmp_path_factory.mktemp("tables")
+    out = {}
+    for runtime in ("torch", "onnxruntime"):
+        out[runtime] = Path(profile(model=str(tiny_model), runtime=runtime, precision="fp32", calibration=3, warmup=1,
+                                    repeats=5, out=d / f"{runtime}.json", progress=False)["table"])
+    return out

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +35,12 @@ def test_json_helpers_and_home(tmp_path, monkeypatch):
         read_json(tmp_path / "bad.json")
     monkeypatch.setenv("HWNAS_HOME", str(tmp_path / "h"))
     assert home() == tmp_path / "h"
+
+
+def test_openvino_telemetry_stays_inside_the_hwnas_folder():
+    from openvino_telemetry.utils.opt_in_checker import OptInChecker
+
+    from hwnas.common import home, point_library_caches
+
+    point_library_caches()
+    assert Path(OptInChecker.consent_file_base_dir()).is_relative_to(home())

@@ -39,6 +39,17 @@ def point_library_caches() -> None:
         ("TORCHINDUCTOR_CACHE_DIR", "torchinductor"),
     ):
         os.environ.setdefault(var, str(base / sub))
+    _keep_openvino_telemetry_inside(base / "openvino")
+
+
+def _keep_openvino_telemetry_inside(folder: Path) -> None:
+    """openvino-telemetry (used by nncf and optimum-intel) writes ~/intel/*; it has no setting, so redirect it."""
+    try:
+        from openvino_telemetry.utils.opt_in_checker import OptInChecker
+    except ImportError:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    OptInChecker.consent_file_base_dir = staticmethod(lambda: str(folder))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -1,0 +1,136 @@
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from transformers import AutoConfig
+
+from hwnas import HwnasError, Supernet
+from hwnas.latency import STACK, Block, block_inputs, block_module, blocks_for, blocks_of, export_block_onnx, profile
+from hwnas.runner import make_input
+from hwnas.space import SearchSpace
+
+
+def _space(path):
+    return SearchSpace.from_hf_config(json.loads((path / "config.json").read_text()))
+
+
+def test_blocks_cover_every_shape_once(tiny_models):
+    gqa = blocks_for(_space(tiny_models["gqa"]), {"prefill": [16, 32], "decode": [8]})
+    keys = [b.key for b in gqa]
+    assert len(keys) == len(set(keys)) == 3 * (2 + 2 + 4)  # embed, head, 2 head counts, 4 widths per phase length
+    assert "attn.q2.kv2/prefill.s16" in keys and "mlp.i256/decode.c8" in keys and "head/prefill.s32" in keys
+    mha = blocks_for(_space(tiny_models["mha"]), {"prefill": [16], "decode": [8]})
+    assert {b.shape_key for b in mha if b.kind == "attn"} == {f"attn.q{k}.kv{k}" for k in _space(tiny_models["mha"]).kv_head_choices}
+
+
+def test_blocks_of_a_subnet_count_each_use(tiny_model):
+    cfg = _space(tiny_model).sample(5)
+    used = blocks_of(cfg, "decode", 8)
+    assert len(used) == 2 + 2 * cfg.depth
+    assert sum(b.kind == "mlp" for b in used) == cfg.depth
+
+
+@pytest.mark.parametrize("block", [Block("attn", "decode", 8, heads=2, kv_heads=2), Block("attn", "prefill", 12, heads=4, kv_heads=2),
+                                   Block("mlp", "prefill", 12, width=128), Block("head", "decode", 8), Block("embed", "prefill", 12)])
+def test_block_graph_in_onnxruntime_matches_torch(block, tiny_model, tmp_path):
+    config = AutoConfig.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    module = block_module(block, config)
+    export_block_onnx(block, config, tmp_path / "b.onnx", opset=18, module=module)
+    rng = np.random.default_rng(1)
+    feeds = {k: make_input(v, rng) for k, v in block_inputs(block, config).items()}
+    got = ort.InferenceSession(str(tmp_path / "b.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
+    with torch.no_grad():
+        want = module(*(torch.from_numpy(v) for v in feeds.values()))
+    want = want if isinstance(want, tuple) else (want,)
+    assert len(got) == len(want) == (1 + 2 * STACK if block.kind == "attn" else 1)
+    for g, w in zip(got, want):
+        assert g.shape == tuple(w.shape)
+        assert np.abs(g - w.numpy()).max() < 1e-4
+
+
+def test_torch_profile_writes_a_complete_table_and_resumes(tiny_tables, tiny_model, tmp_path):
+    table = json.loads(tiny_tables["torch"].read_text())
+    h = table["header"]
+    assert h["complete"] and h["runtime"] == "torch" and h["precision"] == "fp32" and h["device"]["kind"] == "cpu"
+    assert set(table["entries"]) == {b.key for b in blocks_for(_space(tiny_model), h["phases"])}
+    assert all(e["n"] >= 3 and e["median_ms"] > 0 for e in table["entries"].values())
+    assert len(table["calibration"]) == 3 * 2
+    # an interrupted run: two entries and the end missing; --resume measures only those
+    part = dict(table, header={**h, "complete": False}, entries=dict(table["entries"]))
+    gone = sorted(part["entries"])[:2]
+    for k in gone:
+        del part["entries"][k]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(part))
+    with pytest.raises(HwnasError, match="--resume"):
+        profile(model=str(tiny_model), runtime="torch", calibration=3, warmup=1, repeats=5, out=path, progress=False)
+    profile(model=str(tiny_model), runtime="torch", calibration=3, warmup=1, repeats=5, out=path, resume=True, progress=False)
+    done = json.loads(path.read_text())
+    assert done["header"]["complete"] and set(done["entries"]) == set(table["entries"])
+    assert all(done["entries"][k] == table["entries"][k] for k in table["entries"] if k not in gone)
+    with pytest.raises(HwnasError, match="phases differ"):
+        profile(model=str(tiny_model), runtime="torch", prefill=[64], calibration=3, out=path, resume=True, progress=False)
+
+
+def test_onnxruntime_int8_blocks_are_quantized_like_the_deployed_model(tiny_model, tmp_path):
+    import onnx
+
+    d = tmp_path / "blocks"
+    profile(model=str(tiny_model), runtime="onnxruntime", precision="int8", calibration=1, export_blocks=d, progress=False)
+    ops = lambda f: {n.op_type for n in onnx.load(str(d / f)).graph.node}  # noqa: E731
+    assert "MatMulInteger" in ops("blocks/mlp.i128__decode.c128.onnx")
+    assert "MatMulInteger" not in ops("blocks/head__decode.c128.onnx")  # tied head: a Transpose of the embedding
+    assert "MatMulInteger" in ops("e2e/0/model_int8.onnx") and "Gather" in ops("e2e/0/model_int8.onnx")
+
+
+def test_openvino_int8_profile(tiny_model, tmp_path):
+    r = profile(model=str(tiny_model), runtime="openvino", precision="int8", calibration=2, warmup=1, repeats=3,
+                prefill=[16], decode=[16], out=tmp_path / "ov.json", progress=False)
+    table = json.loads((tmp_path / "ov.json").read_text())
+    assert r["entries"] == 8 + 8 and len(table["calibration"]) == 4
+    assert table["header"]["quantization"]["mode"] == "INT8_ASYM" and "openvino" in table["header"]["versions"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"runtime": "tensorrt"}, "runtime 'tensorrt' is not supported"),
+    ({"runtime": "torch", "precision": "int8"}, "precision 'int8' is not available for torch"),
+    ({"runtime": "torch", "precision": "fp16"}, "for --device cuda"),
+    ({"threads": 0}, "threads must be at least 1"),
+    ({"prefill": [0]}, "prefill lengths must be positive"),
+    ({"repeats": 1}, "repeats >= 3"),
+    ({"runtime": "torch", "export_blocks": "x"}, "torch blocks are measured in-process"),
+])
+def test_profile_rejects_bad_input(kwargs, match, tiny_model, tmp_path):
+    with pytest.raises(HwnasError, match=match):
+        profile(**{"model": str(tiny_model), "out": tmp_path / "t.json", "progress": False, **kwargs})
+
+
+def test_deployed_onnx_of_a_heterogeneous_subnet_matches_torch(tiny_model, tmp_path):
+    from hwnas.export import export_onnx
+
+    sn = Supernet.from_pretrained(str(tiny_model))
+    cfg = _space(tiny_model).sample(7)
+    assert not cfg.is_uniform
+    sub = sn.extract(cfg)
+    path = export_onnx(sub, tmp_path / "onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = np.array([[5, 9, 17, 33, 2, 8]], dtype=np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(6)[None]}
+    for i, kv in enumerate(cfg.kv_heads):
+        feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = np.zeros((1, kv, 0, 16), np.float32)
+    got = sess.run(["logits"], feeds)[0]
+    with torch.no_grad():
+        want = sub(torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(got - want).max() < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fp16_torch_profile(tiny_model, tmp_path):
+    r = profile(model=str(tiny_model), runtime="torch", precision="fp16", device="cuda", calibration=2, warmup=1,
+                repeats=5, out=tmp_path / "cuda.json", progress=False)
+    table = json.loads((tmp_path / "cuda.json").read_text())
+    assert r["entries"] == 16 and table["header"]["device"]["kind"] == "cuda"
