@@ -66,6 +66,58 @@ def perplexity(*, model: str = DEFAULT_MODEL, split: str = "validation", limit: 
     return {"model": model, "data": f"lambada/{split}", **ppl(m, tok, texts, batch_size=batch_size)}
 
 
+def profile(
+    *,
+    model: str = DEFAULT_MODEL,
+    runtime: str = "onnxruntime",
+    precision: str = "fp32",
+    device: str = "cpu",
+    threads: int | None = None,
+    prefill: list[int] = (128,),  # type: ignore[assignment]
+    decode: list[int] = (128,),  # type: ignore[assignment]
+    calibration: int = 8,
+    warmup: int = 5,
+    repeats: int = 30,
+    out: Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    export_blocks: Path | None = None,
+    import_measurements: Path | None = None,
+) -> dict[str, Any]:
+    """Measure the latency table of every block of `model` on this device for `runtime`/`precision`."""
+    from .latency import profile as run_profile
+
+    return run_profile(model=model, runtime=runtime, precision=precision, device=device, threads=threads,
+                       prefill=prefill, decode=decode, calibration=calibration, warmup=warmup, repeats=repeats,
+                       out=out, resume=resume, overwrite=overwrite, export_blocks=export_blocks,
+                       import_measurements=import_measurements)
+
+
+def predict(*, table: Path, subnet: Path, tokens: int | None = None) -> dict[str, Any]:
+    """Predicted prefill/decode latency and weight bytes of a sub-network config from a latency table."""
+    from .predictor import predict as run_predict
+
+    return run_predict(table=table, subnet=subnet, tokens=tokens)
+
+
+def validate_latency(
+    *,
+    model: str = DEFAULT_MODEL,
+    table: list[Path],
+    samples: int = 30,
+    seed: int = 0,
+    passes: int = 2,
+    out: Path,
+    allow_foreign_table: bool = False,
+    keep_artifacts: bool = False,
+) -> dict[str, Any]:
+    """Measure N random sub-networks end to end as deployed and compare with each table's predictions."""
+    from .validation import validate_latency as run_validation
+
+    return run_validation(model=model, tables=table, samples=samples, seed=seed, passes=passes, out=out,
+                          allow_foreign_table=allow_foreign_table, keep_artifacts=keep_artifacts)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hwnas", description="Hardware-aware NAS for LLaMA models.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -101,6 +153,35 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--split", default="validation", choices=["calibration", "validation", "test"])
     c.add_argument("--limit", type=int, default=None, help="score only the first N passages")
     c.add_argument("--batch-size", type=int, default=8)
+    c = cmd("profile", profile, "measure a latency lookup table on this device")
+    model_arg(c)
+    c.add_argument("--runtime", default="onnxruntime", choices=["torch", "onnxruntime", "openvino"])
+    c.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8", "int4"])
+    c.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    c.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
+    c.add_argument("--prefill", type=int, nargs="+", default=[128], help="prompt lengths (default 128)")
+    c.add_argument("--decode", type=int, nargs="+", default=[128], help="KV-cache lengths for decode (default 128)")
+    c.add_argument("--calibration", type=int, default=8, help="sub-networks measured end to end to fit the correction")
+    c.add_argument("--warmup", type=int, default=5)
+    c.add_argument("--repeats", type=int, default=30)
+    c.add_argument("--out", type=Path, default=None, help="table file (default latency_tables/<model>__<device>__<runtime>-<precision>.json)")
+    c.add_argument("--resume", action="store_true", help="continue an interrupted profile")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing table")
+    c.add_argument("--export-blocks", type=Path, default=None, help="only write the block graphs for `python -m hwnas.runner`")
+    c.add_argument("--import-measurements", type=Path, default=None, help="turn a measured block folder into a table")
+    c = cmd("predict", predict, "predict a sub-network's latency and size from a table")
+    c.add_argument("--table", type=Path, required=True)
+    c.add_argument("--subnet", type=Path, required=True, help="sub-network config JSON")
+    c.add_argument("--tokens", type=int, default=None, help="prompt / cache length (default: the table's first)")
+    c = cmd("validate-latency", validate_latency, "check tables' predictions against end-to-end measurements")
+    model_arg(c)
+    c.add_argument("--table", type=Path, nargs="+", required=True, help="one or more tables, measured interleaved")
+    c.add_argument("--samples", type=int, default=30)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--passes", type=int, default=2, help="measurement passes (their spread is the repeatability)")
+    c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--allow-foreign-table", action="store_true", help="accept a table measured on another device")
+    c.add_argument("--keep-artifacts", action="store_true", help="keep the built sub-networks under OUT/artifacts")
     return p
 
 

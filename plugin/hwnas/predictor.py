@@ -1,0 +1,229 @@
+"""Latency and size of a sub-network, predicted from a latency table.
+
+    p = LatencyPredictor.load("latency_tables/smollm2-135m__cpu-...__onnxruntime-int8.json")
+    p.latency_ms(cfg, "decode")      # block sum plus the fitted correction
+    p.bytes(cfg)                     # weight bytes at the table's runtime and precision
+
+The block sum counts each block a sub-network runs (embedding, LM head, one attention and one MLP
+block per kept layer). What the sum misses is fitted on the table's calibration sub-networks,
+which were measured end to end when the table was made: `measured = a * block_sum + b * layers + c`
+per phase (an affine fit when there are fewer than 10 of them). The residuals of that fit are kept
+with the predictor so that a reader sees how well it explains its own calibration points.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+from .common import HwnasError, read_json
+from .latency import PHASES, TABLE_FORMAT, blocks_of, phase_key
+from .space import SubnetConfig
+
+_STAT_KEYS = ("mean_ms", "std_ms", "median_ms", "n")
+
+
+@dataclasses.dataclass(frozen=True)
+class Correction:
+    """`measured = scale * block_sum + per_layer_ms * layers + offset_ms`, fitted on `n` sub-networks."""
+
+    scale: float = 1.0
+    per_layer_ms: float = 0.0
+    offset_ms: float = 0.0
+    n: int = 0
+    max_abs_residual_pct: float = 0.0
+
+    def __call__(self, block_sum: float, layers: int) -> float:
+        return self.scale * block_sum + self.per_layer_ms * layers + self.offset_ms
+
+
+def _check_stats(where: str, stats: Any) -> None:
+    if not isinstance(stats, dict):
+        raise HwnasError(f"{where}: expected an object with {list(_STAT_KEYS)}, got {type(stats).__name__}")
+    for k in _STAT_KEYS:
+        v = stats.get(k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise HwnasError(f"{where}: {k} must be a non-negative number, got {v!r}")
+
+
+class LatencyTable:
+    """A latency table file, checked for format, types and completeness when loaded."""
+
+    def __init__(self, data: dict[str, Any], path: Path | None = None) -> None:
+        where = str(path or "latency table")
+        if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
+            raise HwnasError(f"{where} is not an hwnas latency table (expected format {TABLE_FORMAT!r})")
+        header, entries, cal = data.get("header"), data.get("entries"), data.get("calibration", [])
+        if not isinstance(header, dict) or not isinstance(entries, dict) or not isinstance(cal, list):
+            raise HwnasError(f"{where}: expected 'header' and 'entries' objects and a 'calibration' list")
+        for k in ("model", "model_signature", "runtime", "precision", "device", "phases"):
+            if k not in header:
+                raise HwnasError(f"{where}: header has no {k!r}")
+        if not header.get("complete"):
+            raise HwnasError(f"{where} is a partial table (profiling stopped); finish it with `hwnas profile --resume`")
+        for key, stats in entries.items():
+            _check_stats(f"{where}: entry {key!r}", stats)
+        for i, c in enumerate(cal):
+            if not isinstance(c, dict) or not isinstance(c.get("phase"), str):
+                raise HwnasError(f"{where}: calibration[{i}] needs 'config', 'phase' and 'measured'")
+            _check_stats(f"{where}: calibration[{i}].measured", c.get("measured"))
+            try:
+                SubnetConfig.from_dict(c.get("config") or {})
+            except (HwnasError, TypeError, KeyError) as e:
+                raise HwnasError(f"{where}: calibration[{i}].config is not a sub-network config: {e}") from None
+        self.path, self.header, self.entries, self.calibration = path, header, entries, cal
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LatencyTable":
+        return cls(read_json(path, "latency table"), Path(path))
+
+    @property
+    def runtime(self) -> str:
+        return self.header["runtime"]
+
+    @property
+    def precision(self) -> str:
+        return self.header["precision"]
+
+    @property
+    def device_id(self) -> str:
+        return self.header["device"]["id"]
+
+    def default_tokens(self, phase: str) -> int:
+        if phase not in PHASES:
+            raise HwnasError(f"phase {phase!r} is not known; expected one of {list(PHASES)}")
+        return self.header["phases"][phase][0]
+
+    def check_model(self, signature: dict[str, int]) -> None:
+        mine = self.header["model_signature"]
+        diff = {k: (mine.get(k), v) for k, v in signature.items() if mine.get(k) != v}
+        if diff:
+            raise HwnasError(f"{self.path} was measured for model {self.header['model']!r}, whose shape differs: "
+                             + ", ".join(f"{k} {a} in the table vs {b}" for k, (a, b) in diff.items()))
+
+    def check_target(self, *, runtime: str | None = None, precision: str | None = None, device_id: str | None = None,
+                     allow_foreign: bool = False) -> None:
+        """Refuse a table measured for another runtime, precision or device than the one asked for."""
+        asked = {"runtime": runtime, "precision": precision, "device": device_id}
+        have = {"runtime": self.runtime, "precision": self.precision, "device": self.device_id}
+        diff = [f"{k}: table {have[k]!r}, asked {v!r}" for k, v in asked.items() if v is not None and v != have[k]]
+        if diff and not allow_foreign:
+            raise HwnasError(f"{self.path} does not match the target ({'; '.join(diff)}); "
+                             "profile this target or pass --allow-foreign-table")
+
+
+class LatencyPredictor:
+    def __init__(self, table: LatencyTable) -> None:
+        self.table = table
+        self.corrections = {pk: self._fit(pk) for pk in {c["phase"] for c in table.calibration}}
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LatencyPredictor":
+        return cls(LatencyTable.load(path))
+
+    def missing(self, cfg: SubnetConfig, phase: str, tokens: int | None = None) -> list[str]:
+        tokens = tokens or self.table.default_tokens(phase)
+        return sorted({b.key for b in blocks_of(cfg, phase, tokens)} - set(self.table.entries))
+
+    def block_sum(self, cfg: SubnetConfig, phase: str = "decode", tokens: int | None = None) -> float:
+        tokens = tokens or self.table.default_tokens(phase)
+        missing = self.missing(cfg, phase, tokens)
+        if missing:
+            raise HwnasError(f"{self.table.path} lacks {len(missing)} entries this sub-network needs: {missing}")
+        return sum(self.table.entries[b.key]["median_ms"] for b in blocks_of(cfg, phase, tokens))
+
+    def latency_ms(self, cfg: SubnetConfig, phase: str = "decode", tokens: int | None = None) -> float:
+        """Predicted latency of one forward pass: a prompt of `tokens` (prefill) or one token after `tokens` (decode)."""
+        tokens = tokens or self.table.default_tokens(phase)
+        s = self.block_sum(cfg, phase, tokens)
+        corr = self.corrections.get(phase_key(phase, tokens))
+        return corr(s, cfg.depth) if corr else s
+
+    def bytes(self, cfg: SubnetConfig, precision: str | None = None) -> int:
+        """Weight bytes of `cfg` deployed at the table's runtime and `precision` (default: the table's)."""
+        h = self.table.header
+        return size_bytes(cfg, h["model_signature"], runtime=h["runtime"], precision=precision or h["precision"],
+                          tied=h.get("tie_word_embeddings", False))
+
+    def _fit(self, pk: str) -> Correction:
+        import numpy as np
+
+        pts = [c for c in self.table.calibration if c["phase"] == pk]
+        phase, tokens = pk.split(".")[0], int(pk.split(".")[1][1:])
+        cfgs = [SubnetConfig.from_dict(c["config"]) for c in pts]
+        sums = np.array([self.block_sum(c, phase, tokens) for c in cfgs])
+        depth = np.array([c.depth for c in cfgs], dtype=float)
+        y = np.array([c["measured"]["median_ms"] for c in pts])
+        if len(pts) >= 10 and np.ptp(depth) > 0:
+            X = np.stack([sums, depth, np.ones_like(sums)], 1)
+        elif len(pts) >= 2:
+            X = np.stack([sums, np.zeros_like(sums), np.ones_like(sums)], 1)
+        else:
+            return Correction()
+        coef = np.linalg.lstsq(X, y, rcond=None)[0]
+        resid = np.abs(X @ coef - y) / y * 100
+        return Correction(float(coef[0]), float(coef[1]), float(coef[2]), len(pts), float(resid.max()))
+
+
+def linear_shapes(cfg: SubnetConfig, sig: dict[str, int]) -> list[tuple[int, int]]:
+    """(out, in) of every linear layer of the decoder layers of `cfg`."""
+    hd, hidden = sig["head_dim"], sig["hidden_size"]
+    out = []
+    for h, kv, w in zip(cfg.heads, cfg.kv_heads, cfg.mlp):
+        out += [(h * hd, hidden), (kv * hd, hidden), (kv * hd, hidden), (hidden, h * hd)]
+        out += [(w, hidden), (w, hidden), (hidden, w)]
+    return out
+
+
+def _matrix_bytes(rows: int, cols: int, runtime: str, precision: str) -> float:
+    n = rows * cols
+    if precision == "fp32":
+        return 4 * n
+    if precision in ("fp16", "bf16"):
+        return 2 * n
+    if precision == "int8":  # per-output-channel scale and zero point
+        return n + rows * (5 if runtime == "onnxruntime" else 3)
+    if precision == "int4":  # ORT MatMulNBits: blocks of 32 with fp32 scales; NNCF: groups of 64, f16 scale, u4 zp
+        return n / 2 + (n / 32 * 4 if runtime == "onnxruntime" else n / 64 * 2.5)
+    raise HwnasError(f"precision {precision!r} has no size model; expected fp32, fp16, bf16, int8 or int4")
+
+
+def size_bytes(cfg: SubnetConfig, sig: dict[str, int], *, runtime: str, precision: str, tied: bool) -> int:
+    """Weight bytes of a deployed sub-network, following what each runtime's quantizer touches.
+
+    onnxruntime's dynamic quantization (MatMul only) keeps the embedding in fp32 and, when tied, the LM
+    head with it; NNCF compresses the embedding too, and keeps the LM head in int8 in int4 mode.
+    """
+    total = sum(_matrix_bytes(r, c, runtime, precision) for r, c in linear_shapes(cfg, sig))
+    vocab, hidden = sig["vocab_size"], sig["hidden_size"]
+    total += 4 * hidden * (2 * cfg.depth + 1)  # RMSNorm weights stay fp32
+    quantized = precision in ("int8", "int4")
+    emb_precision = "int8" if quantized and runtime == "openvino" else ("fp32" if quantized else precision)
+    total += _matrix_bytes(vocab, hidden, runtime, emb_precision)
+    if not tied:
+        head_precision = "int8" if precision == "int4" and runtime == "openvino" else precision
+        total += _matrix_bytes(vocab, hidden, runtime, head_precision)
+    return int(total)
+
+
+def predict(*, table: Path, subnet: Path, tokens: int | None = None) -> dict[str, Any]:
+    """Predicted prefill and decode latency and weight bytes of the sub-network config `subnet`."""
+    p = LatencyPredictor.load(table)
+    cfg = SubnetConfig.from_json(subnet)
+    if cfg.num_layers != p.table.header["model_signature"]["num_hidden_layers"]:
+        raise HwnasError(f"{subnet} is a sub-network of a {cfg.num_layers}-layer model; {table} is for a "
+                         f"{p.table.header['model_signature']['num_hidden_layers']}-layer one")
+    out: dict[str, Any] = {"table": str(table), "runtime": p.table.runtime, "precision": p.table.precision,
+                           "device": p.table.device_id, "layers": cfg.depth}
+    for phase in PHASES:
+        t = tokens or p.table.default_tokens(phase)
+        out[f"{phase_key(phase, t)}_ms"] = round(p.latency_ms(cfg, phase, t), 3)
+        out[f"{phase_key(phase, t)}_block_sum_ms"] = round(p.block_sum(cfg, phase, t), 3)
+    out["bytes"] = p.bytes(cfg)
+    out["corrections"] = corrections_report(p)
+    return out
+
+
+def corrections_report(p: LatencyPredictor) -> dict[str, Any]:
+    return {pk: dataclasses.asdict(c) for pk, c in sorted(p.corrections.items())}

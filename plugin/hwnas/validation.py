@@ -1,0 +1,213 @@
+"""Proof that a latency predictor is right: predicted against measured, on sub-networks it never saw.
+
+`validate_latency` draws N sub-networks spread over the size range (seeded, disjoint from the
+tables' calibration sub-networks), builds each one as it will be deployed for every table given
+(extracted, exported with Optimum, quantized), and measures prefill and decode end to end in two
+passes over the whole set, the second in reverse order. Several tables are validated in one run, their
+measurements interleaved per sub-network, so machine drift hits them alike. The measured latency is
+the mean of the two passes; the passes' disagreement is reported as the measurement's repeatability,
+beside the predictor's error, so a reader can tell one from the other.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+from . import runner
+from .common import HwnasError, atomic_write_json, read_json
+from .latency import PHASES, build_deployed, deployed_inputs, measure_torch_model, model_signature, phase_key
+from .predictor import LatencyPredictor, LatencyTable
+from .space import SearchSpace, SubnetConfig
+
+log = logging.getLogger(__name__)
+VALIDATION_SEED = 1_000_000  # far from the calibration seeds (10_000 + i)
+
+
+def spread_configs(space: SearchSpace, n: int, seed: int, exclude: list[SubnetConfig] = ()) -> list[SubnetConfig]:
+    """`n` seeded samples spread evenly over the parameter range: `n` quantiles of 40*n random draws."""
+    rng = random.Random(seed)
+    pool, seen = [], {c for c in exclude}
+    while len(pool) < 40 * n:
+        c = space.sample(VALIDATION_SEED + rng.randrange(1 << 30))
+        if c not in seen:
+            seen.add(c)
+            pool.append(c)
+    pool.sort(key=_params)
+    return [pool[round(i * (len(pool) - 1) / max(1, n - 1))] for i in range(n)]
+
+
+def _params(cfg: SubnetConfig) -> int:
+    return sum(3 * w + 2 * h + 2 * kv for w, h, kv in zip(cfg.mlp, cfg.heads, cfg.kv_heads))
+
+
+def _target(t: LatencyTable) -> str:
+    return f"{t.runtime}-{t.precision}"
+
+
+def _artifact_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.parent.iterdir() if f.suffix in (".onnx", ".onnx_data", ".bin", ".data"))
+
+
+def validate_latency(*, model: str = "smollm2-135m", tables: list[Path], samples: int = 30, seed: int = 0,
+                     out: Path, passes: int = 2, allow_foreign_table: bool = False, keep_artifacts: bool = False,
+                     progress: bool = True) -> dict[str, Any]:
+    """Validate each table's predictor against end-to-end measurements; writes `out/latency_validation.json`."""
+    import torch
+    from tqdm import tqdm
+
+    from .hub import read_llama_config, resolve_model
+    from .supernet import Supernet
+
+    if samples < 3:
+        raise HwnasError(f"samples must be at least 3 to rank sub-networks, got {samples}")
+    if passes < 1:
+        raise HwnasError(f"passes must be at least 1, got {passes}")
+    if not tables:
+        raise HwnasError("give at least one --table")
+    config = read_llama_config(resolve_model(model))
+    preds = [LatencyPredictor.load(t) for t in tables]
+    threads = {p.table.header["device"].get("threads") for p in preds}
+    if len(threads) != 1 or len({p.table.header["phases"].__repr__() for p in preds}) != 1:
+        raise HwnasError("tables validated together must share threads and phases; validate them separately")
+    threads = threads.pop()
+    here = runner.device_id(runner.cpu_info(), threads)
+    for p in preds:
+        p.table.check_model(model_signature(config))
+        p.table.check_target(device_id=here if p.table.header["device"]["kind"] == "cpu" else None,
+                             allow_foreign=allow_foreign_table)
+        if p.table.header["device"]["kind"] != "cpu":
+            raise HwnasError(f"{p.table.path} is a {p.table.header['device']['kind']} table; this validation runs on cpu")
+    targets = {_target(p.table): p for p in preds}
+    if len(targets) != len(preds):
+        raise HwnasError("two tables have the same runtime and precision; validate them separately")
+    space = SearchSpace.from_hf_config(config)
+    cal = [SubnetConfig.from_dict(c["config"]) for p in preds for c in p.table.calibration]
+    cfgs = spread_configs(space, samples, seed, cal)
+    phases = [(ph, t) for ph, ts in preds[0].table.header["phases"].items() for t in ts]
+    out = Path(out)
+    state_path = out / "measurements.json"
+    state = read_json(state_path, "validation state") if state_path.is_file() else {}
+    key_args = {"model": model, "tables": sorted(targets), "samples": samples, "seed": seed, "passes": passes}
+    if state and state.get("args") != key_args:
+        raise HwnasError(f"{out} holds a validation run with other arguments ({state.get('args')}); use another --out")
+    state = state or {"args": key_args, "configs": [c.to_dict() for c in cfgs], "m": {}, "bytes": {}}
+    torch.set_num_threads(threads)
+    sn = Supernet.from_pretrained(model, calibration=None)
+    art = out / "artifacts"
+    isa = runner.cpu_info()["isa"]
+    deployed = sorted((t for t in targets if not t.startswith("torch")), key=lambda t: t != "onnxruntime-fp32")
+    with tqdm(total=len(cfgs), desc="build sub-networks", unit="net", disable=not progress) as bar:
+        for i, cfg in enumerate(cfgs):
+            for t in deployed:
+                d = art / str(i) / t
+                if not (d / "done").is_file():
+                    shutil.rmtree(d, ignore_errors=True)
+                    runtime, precision = t.split("-")
+                    fp32 = art / str(i) / "onnxruntime-fp32"  # quantize the fp32 export when it is validated too
+                    src = fp32 / "model.onnx" if (fp32 / "done").is_file() and runtime == "onnxruntime" else None
+                    f = build_deployed(sn.extract(cfg), runtime, precision, d, isa=isa, onnx_fp32=src)
+                    (d / "done").write_text(f.name)
+                state["bytes"][f"{i}/{t}"] = _artifact_bytes(d / (d / "done").read_text())
+            for t in targets:
+                if t.startswith("torch"):
+                    state["bytes"][f"{i}/{t}"] = sum(p.numel() * p.element_size() for p in sn.extract(cfg).parameters())
+            bar.update(1)
+    flusher = runner.CacheFlusher()
+    jobs = [(k, i, t, ph, tok) for k in range(passes) for i in (range(len(cfgs)) if k % 2 == 0 else reversed(range(len(cfgs))))
+            for t in targets for ph, tok in phases]
+    with tqdm(total=len(jobs), desc="measure", unit="run", disable=not progress) as bar:
+        for k, i, t, ph, tok in jobs:
+            key = f"{k}/{i}/{t}/{phase_key(ph, tok)}"
+            if key not in state["m"]:
+                state["m"][key] = _measure(sn, cfgs[i], t, art / str(i) / t, ph, tok, threads, flusher,
+                                           model_signature(config))["median_ms"]
+                atomic_write_json(state_path, state)
+            bar.update(1)
+    report = _report(preds, targets, cfgs, phases, state, passes)
+    atomic_write_json(out / "latency_validation.json", report)
+    scatter_plot(report, out / "latency_scatter.png")
+    if not keep_artifacts:
+        shutil.rmtree(art, ignore_errors=True)
+    return {"out": str(out), **{t: {pk: {k: r[k] for k in ("within_10pct", "mape", "kendall_tau", "n")}
+                                     for pk, r in v["phases"].items()} for t, v in report["tables"].items()}}
+
+
+def _measure(sn: Any, cfg: SubnetConfig, target: str, folder: Path, phase: str, tokens: int, threads: int,
+             flusher: Any, sig: dict[str, int]) -> dict[str, Any]:
+    runtime = target.split("-")[0]
+    w, r = (2, 7) if phase == "prefill" else (3, 20)
+    if runtime == "torch":
+        return measure_torch_model(sn.extract(cfg), phase, tokens, warmup=1 if phase == "prefill" else w,
+                                   repeats=5 if phase == "prefill" else r)
+    item = {"file": (folder / "done").read_text(), **deployed_inputs(cfg, sig, runtime, phase, tokens)}
+    return runner.measure_item(item, folder, runtime=runtime, threads=threads, warmup=w, repeats=r, flush=flusher)
+
+
+def _report(preds: list[LatencyPredictor], targets: dict[str, LatencyPredictor], cfgs: list[SubnetConfig],
+            phases: list[tuple[str, int]], state: dict[str, Any], passes: int) -> dict[str, Any]:
+    import numpy as np
+    from scipy import stats
+
+    out: dict[str, Any] = {"samples": len(cfgs), "passes": passes, "configs": [c.to_dict() for c in cfgs], "tables": {}}
+    for t, p in targets.items():
+        entry: dict[str, Any] = {"table": str(p.table.path), "phases": {}}
+        for ph, tok in phases:
+            pk = phase_key(ph, tok)
+            runs = np.array([[state["m"][f"{k}/{i}/{t}/{pk}"] for k in range(passes)] for i in range(len(cfgs))])
+            meas = runs.mean(1)
+            pred = np.array([p.latency_ms(c, ph, tok) for c in cfgs])
+            err = (pred - meas) / meas
+            rep = np.abs(runs[:, 0] - runs[:, -1]) / meas if passes > 1 else np.zeros(len(cfgs))
+            entry["phases"][pk] = {
+                "n": len(cfgs), "within_10pct": float(np.mean(np.abs(err) <= 0.10)), "mape": float(np.mean(np.abs(err))),
+                "max_abs_err": float(np.max(np.abs(err))), "mean_signed_err": float(np.mean(err)),
+                "kendall_tau": float(stats.kendalltau(pred, meas).statistic),
+                "spearman": float(stats.spearmanr(pred, meas).statistic),
+                "repeatability": {"median_pass_diff": float(np.median(rep)), "max_pass_diff": float(np.max(rep)),
+                                  "within_10pct_between_passes": float(np.mean(rep <= 0.10))},
+                "predicted_ms": pred.round(3).tolist(), "measured_ms": meas.round(3).tolist(),
+                "passes_ms": runs.round(3).tolist(),
+            }
+        size_pred = np.array([p.bytes(c) for c in cfgs])
+        size_real = np.array([state["bytes"][f"{i}/{t}"] for i in range(len(cfgs))])
+        entry["size"] = {"mape": float(np.mean(np.abs(size_pred - size_real) / size_real)),
+                         "predicted_bytes": size_pred.tolist(), "artifact_bytes": size_real.tolist()}
+        out["tables"][t] = entry
+    return out
+
+
+def scatter_plot(report: dict[str, Any], path: Path) -> Path:
+    """Predicted against measured latency per table and phase, with the +-10% band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cells = [(t, pk, r) for t, v in report["tables"].items() for pk, r in v["phases"].items()]
+    cols = len({pk for _, pk, _ in cells})
+    rows = len(report["tables"])
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False)
+    for ax, (t, pk, r) in zip(axes.flat, cells):
+        m, p = np.array(r["measured_ms"]), np.array(r["predicted_ms"])
+        lo, hi = 0.9 * min(m.min(), p.min()), 1.1 * max(m.max(), p.max())
+        xs = np.linspace(lo, hi, 50)
+        ax.fill_between(xs, 0.9 * xs, 1.1 * xs, color="tab:green", alpha=0.15, label="±10%")
+        ax.plot(xs, xs, "k--", lw=0.8)
+        ax.scatter(m, p, s=14)
+        ax.set(xlabel="measured ms", ylabel="predicted ms", xlim=(lo, hi), ylim=(lo, hi),
+               title=f"{t} {pk}\nwithin10%={r['within_10pct']:.2f} tau={r['kendall_tau']:.2f} n={r['n']}")
+        ax.title.set_fontsize(9)
+    axes.flat[0].legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+__all__ = ["validate_latency", "spread_configs", "scatter_plot", "PHASES"]

@@ -1,0 +1,58 @@
+import json
+
+import pytest
+
+from hwnas import HwnasError
+from hwnas.space import SearchSpace
+from hwnas.validation import spread_configs, validate_latency
+
+
+def _space(path):
+    return SearchSpace.from_hf_config(json.loads((path / "config.json").read_text()))
+
+
+def test_spread_configs_are_seeded_distinct_and_span_the_size_range(tiny_model):
+    space = _space(tiny_model)
+    a, b = spread_configs(space, 10, 0), spread_configs(space, 10, 0)
+    assert a == b and len(set(a)) == 10
+    sizes = [sum(c.mlp) for c in a]
+    assert sizes[0] < sizes[-1]
+    assert spread_configs(space, 10, 1) != a
+    assert space.max_config() not in spread_configs(space, 5, 0, exclude=[space.max_config()])
+
+
+def test_validate_latency_end_to_end(tiny_tables, tiny_model, tmp_path):
+    out = tmp_path / "val"
+    r = validate_latency(model=str(tiny_model), tables=[tiny_tables["onnxruntime"], tiny_tables["torch"]], samples=4,
+                         out=out, progress=False)
+    report = json.loads((out / "latency_validation.json").read_text())
+    assert (out / "latency_scatter.png").stat().st_size > 10_000 and not (out / "artifacts").exists()
+    assert set(report["tables"]) == {"onnxruntime-fp32", "torch-fp32"}
+    for t in report["tables"].values():
+        for pk in ("prefill.s128", "decode.c128"):
+            ph = t["phases"][pk]
+            assert ph["n"] == 4 and 0 <= ph["within_10pct"] <= 1 and -1 <= ph["kendall_tau"] <= 1
+            assert len(ph["passes_ms"]) == 4 and all(len(x) == 2 and min(x) > 0 for x in ph["passes_ms"])
+            assert ph["repeatability"]["max_pass_diff"] >= 0
+        assert len(t["size"]["artifact_bytes"]) == 4
+    assert r["torch-fp32"]["decode.c128"]["n"] == 4
+    # the torch size model is exact on real checkpoints
+    torch_size = report["tables"]["torch-fp32"]["size"]
+    assert torch_size["predicted_bytes"] == torch_size["artifact_bytes"]
+    # a rerun with the same arguments resumes from the saved measurements; other arguments are refused
+    with pytest.raises(HwnasError, match="other arguments"):
+        validate_latency(model=str(tiny_model), tables=[tiny_tables["torch"]], samples=4, out=out, progress=False)
+
+
+def test_validate_latency_refuses_a_foreign_table(tiny_tables, tiny_model, tmp_path):
+    t = json.loads(tiny_tables["torch"].read_text())
+    t["header"]["device"]["id"] = "cpu-elsewhere-neon-t2"
+    (tmp_path / "f.json").write_text(json.dumps(t))
+    with pytest.raises(HwnasError, match="cpu-elsewhere-neon-t2"):
+        validate_latency(model=str(tiny_model), tables=[tmp_path / "f.json"], samples=3, out=tmp_path / "v", progress=False)
+
+
+def test_validate_latency_cli_rejects_too_few_samples(run_cli, tiny_tables, tiny_model, tmp_path):
+    proc = run_cli("validate-latency", "--model", str(tiny_model), "--table", str(tiny_tables["torch"]),
+                   "--samples", "2", "--out", str(tmp_path / "v"), check=False)
+    assert proc.returncode == 2 and "samples must be at least 3" in proc.stderr
