@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from hwnas import runner
-from hwnas.latency import CALIBRATION_ROUNDS
+from hwnas.latency import ROUNDS
 
 
 def test_trimmed_stats_drop_the_tails():
@@ -43,7 +43,7 @@ def blocks_dir(tiny_model, tmp_path_factory):
     d = tmp_path_factory.mktemp("blocks") / "int8"
     r = profile(model=str(tiny_model), runtime="onnxruntime", precision="int8", calibration=1, warmup=1, repeats=4,
                 export_blocks=d, progress=False)
-    assert r["items"] == 16 + 2 * CALIBRATION_ROUNDS and not (d / runner.MEASUREMENTS).exists()
+    assert r["items"] == (16 + 2) * ROUNDS and not (d / runner.MEASUREMENTS).exists()
     return d
 
 

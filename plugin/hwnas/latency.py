@@ -41,7 +41,7 @@ TABLE_FORMAT = "hwnas-latency-table/1"
 SIGNATURE_KEYS = ("hidden_size", "head_dim", "vocab_size", "num_hidden_layers", "intermediate_size",
                   "num_attention_heads", "num_key_value_heads")
 CALIBRATION_SEED = 10_000  # calibration sub-networks use seeds from here; validation draws elsewhere
-CALIBRATION_ROUNDS = 3
+ROUNDS = 3  # interleaved measurement rounds; a table keeps the median of the round medians
 STACK = 8
 
 
@@ -486,35 +486,50 @@ def _profile_torch(model: str, model_dir: Path, space: SearchSpace, header: dict
     if device == "cpu":
         torch.set_num_threads(threads)
     config = LlamaConfig(**{k: v for k, v in read_json(model_dir / "config.json").items() if k != "model_type"})
-    todo = [b for b in blocks_for(space, header["phases"]) if b.key not in table["entries"]]
-    cal = calibration_configs(space, calibration)
-    done_cal = {(c["phase"], json.dumps(c["config"], sort_keys=True)) for c in table["calibration"]}
     w, r = header["warmup"], header["repeats"]
-    with tqdm(total=len(todo) + len(cal), desc="profile torch", unit="block", disable=not progress) as bar:
-        for b in todo:
-            bar.set_postfix_str(b.key)
-            table["entries"][b.key] = measure_torch_block(b, config, device=device, dtype=dtype, warmup=w, repeats=r)
-            atomic_write_json(out, table)
-            bar.update(1)
-        # Channel order does not change latency: skip the importance pass.
-        sn = Supernet.from_pretrained(model, dtype={"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[
-            header["precision"]], device=device, calibration=None) if cal else None
-        subs = [sn.extract(cfg) for cfg in cal]
-        for cfg, sub in zip(cal, subs):
-            bar.set_postfix_str(f"calibration {cfg.depth} layers")
-            for phase, lengths in header["phases"].items():
-                for t in lengths:
-                    if (phase_key(phase, t), json.dumps(cfg.to_dict(), sort_keys=True)) in done_cal:
-                        continue
-                    rounds = []
-                    for _ in range(CALIBRATION_ROUNDS):
-                        stats = measure_torch_model(sub, phase, t, warmup=max(1, w // 3), repeats=max(3, r // 6))
-                        rounds.append({"config": cfg.to_dict(), "phase": phase_key(phase, t),
-                                       "measured": {k: v for k, v in stats.items() if k != "samples_ms"}})
-                    table["calibration"].append(_merge_rounds(rounds))
-                    atomic_write_json(out, table)
-            bar.update(1)
-        del subs
+    blocks = blocks_for(space, header["phases"])
+    cal = calibration_configs(space, calibration)
+    # One job per block and per (calibration sub-network, phase); every job is measured in ROUNDS
+    # interleaved rounds, and `pending` keeps finished rounds so that --resume loses at most one.
+    jobs: list[tuple[str, Any]] = [(b.key, b) for b in blocks]
+    jobs += [(f"e2e.{k}/{phase_key(ph, t)}", (cfg, ph, t)) for k, cfg in enumerate(cal)
+             for ph, ts in header["phases"].items() for t in ts]
+    pending = table.setdefault("pending", {})
+    done = set(table["entries"]) | {f"e2e.{c['index']}/{c['phase']}" for c in table["calibration"]}
+    sn = subs = None
+    with tqdm(total=len(jobs) * ROUNDS, desc="profile torch", unit="run", disable=not progress) as bar:
+        bar.update(sum(ROUNDS if key in done else len(pending.get(key, [])) for key, _ in jobs))
+        for rnd in range(ROUNDS):
+            for key, job in jobs:
+                if key in done or len(pending.get(key, [])) > rnd:
+                    continue
+                bar.set_postfix_str(f"{key} round {rnd + 1}")
+                if isinstance(job, Block):
+                    stats = measure_torch_block(job, config, device=device, dtype=dtype, warmup=w,
+                                                repeats=max(3, r // ROUNDS))
+                else:
+                    if subs is None:  # channel order does not change latency: skip the importance pass
+                        sn = Supernet.from_pretrained(model, dtype={"fp32": "float32", "fp16": "float16",
+                                                      "bf16": "bfloat16"}[header["precision"]], device=device,
+                                                      calibration=None)
+                        subs = {json.dumps(c.to_dict()): sn.extract(c) for c in cal}
+                    cfg, ph, t = job
+                    stats = measure_torch_model(subs[json.dumps(cfg.to_dict())], ph, t, warmup=max(1, w // 3),
+                                                repeats=max(3, r // 6))
+                pending.setdefault(key, []).append({k: v for k, v in stats.items() if k != "samples_ms"})
+                if len(pending[key]) == ROUNDS:
+                    merged = _merge_rounds([{"measured": m} for m in pending.pop(key)])
+                    if isinstance(job, Block):
+                        table["entries"][key] = {**merged["measured"], "copies": job.copies, "rounds": ROUNDS}
+                    else:
+                        cfg, ph, t = job
+                        table["calibration"].append({"config": cfg.to_dict(), "phase": phase_key(ph, t),
+                                                     "index": int(key.split("/")[0][4:]), "measured": merged["measured"],
+                                                     "rounds_ms": merged["rounds_ms"]})
+                atomic_write_json(out, table)
+                bar.update(1)
+    del sn, subs
+    table.pop("pending", None)
     table["header"].update(complete=True, date=datetime.date.today().isoformat())
     atomic_write_json(out, table)
     return {"table": str(out), "entries": len(table["entries"]), "calibration": len(table["calibration"])}
@@ -537,25 +552,24 @@ def _write_manifest(work: Path, model: str, model_dir: Path, space: SearchSpace,
     header["quantization"] = settings_for(runtime, precision, isa)
     config = LlamaConfig(**{k: v for k, v in config_dict.items() if k != "model_type"})
     sig = header["model_signature"]
-    items: list[dict[str, Any]] = []
     builds: list[tuple[str, Any]] = []
+    block_items = []
+    per_round = max(3, header["repeats"] // ROUNDS)
     for b in blocks_for(space, header["phases"]):
-        items.append({"key": b.key, "kind": "block", "file": _block_file(b, runtime), "inputs": block_inputs(b, config),
-                      "copies": b.copies})
-        builds.append((items[-1]["file"], b))
+        block_items.append({"key": b.key, "kind": "block", "file": _block_file(b, runtime), "copies": b.copies,
+                            "repeats": per_round, "inputs": block_inputs(b, config)})
+        builds.append((block_items[-1]["file"], b))
     e2e_w, e2e_r = max(2, header["warmup"] // 2), max(5, header["repeats"] // 3)
     cal = calibration_configs(space, calibration)
     files = [f"e2e/{k}/" + ("model" if runtime == "onnxruntime" else "openvino_model") +
              ("" if precision == "fp32" else f"_{precision}") + (".onnx" if runtime == "onnxruntime" else ".xml")
              for k in range(len(cal))]
-    for r in range(CALIBRATION_ROUNDS):  # round-robin, so that drift of the machine spreads over every sub-network
-        for k, cfg in enumerate(cal):
-            for phase, lengths in header["phases"].items():
-                for t in lengths:
-                    items.append({"key": f"e2e.{k}/{phase_key(phase, t)}/r{r}", "kind": "e2e", "file": files[k],
-                                  "phase": phase_key(phase, t), "config": cfg.to_dict(), "warmup": e2e_w,
-                                  "repeats": e2e_r, **deployed_inputs(cfg, sig, runtime, phase, t)})
+    e2e_items = [{"key": f"e2e.{k}/{phase_key(phase, t)}", "kind": "e2e", "file": files[k], "phase": phase_key(phase, t),
+                  "config": cfg.to_dict(), "warmup": e2e_w, "repeats": e2e_r, **deployed_inputs(cfg, sig, runtime, phase, t)}
+                 for k, cfg in enumerate(cal) for phase, lengths in header["phases"].items() for t in lengths]
     builds += list(zip(files, cal))
+    # Rounds over everything, blocks and whole sub-networks alike: drift of the machine spreads over all of them.
+    items = [{**it, "key": f"{it['key']}/r{r}"} for r in range(ROUNDS) for it in block_items + e2e_items]
     manifest = {"format": runner.FORMAT, "runtime": runtime, "precision": precision, "threads": threads,
                 "warmup": header["warmup"], "repeats": header["repeats"], "table_header": header, "items": items}
     manifest["digest"] = _digest({k: manifest[k] for k in ("runtime", "precision", "items")})
@@ -628,10 +642,9 @@ def _merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     import numpy as np
 
     med = [r["measured"]["median_ms"] for r in rounds]
-    first = rounds[0]["measured"]
-    return {"config": rounds[0]["config"], "phase": rounds[0]["phase"],
-            "measured": {**first, "median_ms": float(np.median(med)), "mean_ms": float(np.mean(med)),
-                         "n": sum(r["measured"]["n"] for r in rounds)},
+    measured = {"mean_ms": float(np.mean(med)), "std_ms": float(np.median([r["measured"]["std_ms"] for r in rounds])),
+                "median_ms": float(np.median(med)), "n": sum(r["measured"]["n"] for r in rounds)}
+    return {"config": rounds[0].get("config"), "phase": rounds[0].get("phase"), "measured": measured,
             "rounds_ms": [round(m, 4) for m in med]}
 
 
@@ -653,15 +666,16 @@ def import_table(work: Path, *, out: str | Path | None = None, overwrite: bool =
               "date": datetime.date.today().isoformat(), "cache_flush": mh.get("cache_flush")}
     header["versions"] = {**header.get("versions", {}), mh["runtime"] + "_device": mh["runtime_version"],
                           "python_device": mh["python"]}
-    strip = lambda s: {k: v for k, v in s.items() if k != "samples_ms"}  # noqa: E731
     rounds: dict[str, list[dict[str, Any]]] = {}
     for it in manifest["items"]:
-        if it["kind"] == "e2e":
-            rounds.setdefault(it["key"].rsplit("/r", 1)[0], []).append({**it, "measured": strip(meas["items"][it["key"]])})
-    table = {"format": TABLE_FORMAT, "header": header,
-             "entries": {it["key"]: per_copy(meas["items"][it["key"]], it.get("copies", 1))
-                         for it in manifest["items"] if it["kind"] == "block"},
-             "calibration": [_merge_rounds(rs) for rs in rounds.values()]}
+        rounds.setdefault(it["key"].rsplit("/r", 1)[0], []).append({**it, "measured": meas["items"][it["key"]]})
+    table = {"format": TABLE_FORMAT, "header": header, "entries": {}, "calibration": []}
+    for key, rs in rounds.items():
+        merged = _merge_rounds(rs)
+        if rs[0]["kind"] == "block":
+            table["entries"][key] = {**per_copy(merged["measured"], rs[0].get("copies", 1)), "rounds": len(rs)}
+        else:
+            table["calibration"].append(merged)
     out = Path(out) if out else default_table_path(header["model"], header["device"]["id"], header["runtime"], header["precision"])
     if out.exists() and not overwrite:
         raise HwnasError(f"table {out} exists; pass --overwrite to replace it")

@@ -6,9 +6,10 @@
 
 The block sum counts each block a sub-network runs (embedding, LM head, one attention and one MLP
 block per kept layer). What the sum misses is fitted on the table's calibration sub-networks,
-which were measured end to end when the table was made: `measured = a * block_sum + b * layers + c`
-per phase (an affine fit when there are fewer than 10 of them). The residuals of that fit are kept
-with the predictor so that a reader sees how well it explains its own calibration points.
+which were measured end to end when the table was made: per phase, the form among `sum`,
+`a * sum`, `a * sum + c` and `a * sum + b * layers + c` with the lowest leave-one-out error on
+those points (a richer form must earn its parameters on points it did not see). The chosen form,
+its leave-one-out error and its residuals are kept with the predictor for a reader to check.
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ class Correction:
     offset_ms: float = 0.0
     n: int = 0
     max_abs_residual_pct: float = 0.0
+    form: str = "sum"
+    loo_error_pct: float = 0.0
 
     def __call__(self, block_sum: float, layers: int) -> float:
         return self.scale * block_sum + self.per_layer_ms * layers + self.offset_ms
@@ -147,23 +150,47 @@ class LatencyPredictor:
                           tied=h.get("tie_word_embeddings", False))
 
     def _fit(self, pk: str) -> Correction:
+        """The correction form (none, scale, affine, affine plus a per-layer term) with the lowest
+        leave-one-out error on the calibration points, refitted on all of them."""
         import numpy as np
 
         pts = [c for c in self.table.calibration if c["phase"] == pk]
+        if len(pts) < 3:
+            return Correction(n=len(pts))
         phase, tokens = pk.split(".")[0], int(pk.split(".")[1][1:])
         cfgs = [SubnetConfig.from_dict(c["config"]) for c in pts]
         sums = np.array([self.block_sum(c, phase, tokens) for c in cfgs])
         depth = np.array([c.depth for c in cfgs], dtype=float)
         y = np.array([c["measured"]["median_ms"] for c in pts])
-        if len(pts) >= 10 and np.ptp(depth) > 0:
-            X = np.stack([sums, depth, np.ones_like(sums)], 1)
-        elif len(pts) >= 2:
-            X = np.stack([sums, np.zeros_like(sums), np.ones_like(sums)], 1)
+        one = np.ones_like(sums)
+        forms = {"sum": None, "scale": [sums], "affine": [sums, one], "affine+layers": [sums, depth, one]}
+        best = None
+        for name, cols in forms.items():
+            if cols is not None and len(pts) <= len(cols) + 1:
+                continue
+            X = None if cols is None else np.stack(cols, 1)
+            errs = []
+            for i in range(len(pts)):
+                if X is None:
+                    pred = sums[i]
+                else:
+                    keep = np.arange(len(pts)) != i
+                    pred = X[i] @ np.linalg.lstsq(X[keep], y[keep], rcond=None)[0]
+                errs.append(abs(pred - y[i]) / y[i])
+            loo = float(np.mean(errs))
+            if best is None or loo < best[0] - 1e-9:
+                best = (loo, name, X)
+        loo, name, X = best
+        coef = np.linalg.lstsq(X, y, rcond=None)[0] if X is not None else np.array([1.0])
+        if name in ("sum", "scale"):
+            full = (coef[0], 0.0, 0.0)
+        elif name == "affine":
+            full = (coef[0], 0.0, coef[1])
         else:
-            return Correction()
-        coef = np.linalg.lstsq(X, y, rcond=None)[0]
-        resid = np.abs(X @ coef - y) / y * 100
-        return Correction(float(coef[0]), float(coef[1]), float(coef[2]), len(pts), float(resid.max()))
+            full = tuple(coef)
+        pred = full[0] * sums + full[1] * depth + full[2]
+        return Correction(float(full[0]), float(full[1]), float(full[2]), len(pts),
+                          float(np.max(np.abs(pred - y) / y) * 100), name, loo * 100)
 
 
 def linear_shapes(cfg: SubnetConfig, sig: dict[str, int]) -> list[tuple[int, int]]:

@@ -232,6 +232,7 @@ def run(root: str | os.PathLike, *, threads: int | None = None, device: str = "c
     threads = threads or manifest.get("threads") or os.cpu_count() or 1
     if threads < 1:
         raise RunnerError(f"threads must be at least 1, got {threads}")
+    asked = {"warmup": warmup, "repeats": repeats}  # given here, they override the manifest's per-item values
     warmup = manifest.get("warmup", 5) if warmup is None else warmup
     repeats = manifest.get("repeats", 30) if repeats is None else repeats
     out_path = root / MEASUREMENTS
@@ -256,7 +257,8 @@ def run(root: str | os.PathLike, *, threads: int | None = None, device: str = "c
     for item in todo:
         bar(item["key"])
         done[item["key"]] = measure_item(item, root, runtime=runtime, threads=threads, device=device,
-                                         warmup=item.get("warmup", warmup), repeats=item.get("repeats", repeats),
+                                         warmup=asked["warmup"] if asked["warmup"] is not None else item.get("warmup", warmup),
+                                         repeats=asked["repeats"] if asked["repeats"] is not None else item.get("repeats", repeats),
                                          flush=flusher)
         write_json(out_path, {"header": header, "items": done})
     bar(None)
