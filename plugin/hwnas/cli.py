@@ -118,6 +118,32 @@ def validate_latency(
                           allow_foreign_table=allow_foreign_table, keep_artifacts=keep_artifacts)
 
 
+def search(
+    *,
+    model: str = DEFAULT_MODEL,
+    table: Path,
+    algorithm: str = "nsga2",
+    evaluations: int = 200,
+    population: int = 20,
+    latency_budget: float | None = None,
+    latency_ratio: float | None = None,
+    size_budget: float | None = None,
+    phase: str = "decode",
+    seed: int = 0,
+    workers: int = 1,
+    ray_address: str | None = None,
+    resume: bool = False,
+    out: Path,
+) -> dict[str, Any]:
+    """Multi-objective search: KL to the full model against predicted latency and size."""
+    from .search import run_search
+
+    return run_search(model=model, table=str(table), algorithm=algorithm, evaluations=evaluations,
+                      population=population, latency_budget=latency_budget, latency_ratio=latency_ratio,
+                      size_budget=size_budget, phase=phase, seed=seed, workers=workers, ray_address=ray_address,
+                      resume=resume, out=str(out))
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hwnas", description="Hardware-aware NAS for LLaMA models.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -182,6 +208,22 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--allow-foreign-table", action="store_true", help="accept a table measured on another device")
     c.add_argument("--keep-artifacts", action="store_true", help="keep the built sub-networks under OUT/artifacts")
+    c = cmd("search", search, "genetic multi-objective search for Pareto-optimal sub-networks")
+    model_arg(c)
+    c.add_argument("--table", type=Path, required=True, help="latency table of the target device/runtime/precision")
+    c.add_argument("--algorithm", default="nsga2", choices=["nsga2", "linas", "random"])
+    c.add_argument("--evaluations", type=int, default=200, help="real quality evaluations (default 200)")
+    c.add_argument("--population", type=int, default=20)
+    budget = c.add_mutually_exclusive_group()
+    budget.add_argument("--latency-budget", type=float, default=None, help="predicted latency budget in ms")
+    budget.add_argument("--latency-ratio", type=float, default=None, help="budget as a fraction of the full model's")
+    c.add_argument("--size-budget", type=float, default=None, help="weight size budget in MB")
+    c.add_argument("--phase", default="decode", choices=["prefill", "decode"])
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--workers", type=int, default=1, help="Ray workers on this machine (default 1: no Ray)")
+    c.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
+    c.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
+    c.add_argument("--out", type=Path, required=True)
     return p
 
 

@@ -46,3 +46,21 @@ def greedy_generate(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: 
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=use_cache,
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def lambada_accuracy(model: Any, tokenizer: Any, items: Sequence[tuple[str, str]], *, progress: bool = True) -> dict[str, float]:
+    """LAMBADA last-word accuracy: the continuation's tokens are each the greedy choice (lm-eval's `acc`)."""
+    device = next(model.parameters()).device
+    hits = 0
+    for ctx, cont in tqdm(items, desc="lambada", unit="item", disable=not progress):
+        c = tokenizer(ctx, add_special_tokens=False)["input_ids"]
+        t = tokenizer(ctx + cont, add_special_tokens=False)["input_ids"][len(c):]
+        if not t:
+            continue
+        ids = torch.tensor([c + t], device=device)
+        pred = model(input_ids=ids, use_cache=False).logits[0, len(c) - 1:-1].argmax(-1)
+        hits += int(pred.tolist() == t)
+    n = len(items)
+    acc = hits / n
+    return {"acc": acc, "stderr": math.sqrt(acc * (1 - acc) / max(1, n - 1)), "n": n}

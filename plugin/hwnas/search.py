@@ -1,0 +1,530 @@
+"""Multi-objective search over the supernet: quality loss against predicted latency and size.
+
+The search knows three callables, as in Once-for-All: `quality(cfg)` (KL divergence of the
+sub-network's next-token distribution from the full model's on held-out calibration text),
+`latency(cfg)` (a `LatencyPredictor`) and `size(cfg)` (bytes at the target precision). Sub-networks
+are integer gene vectors (`GeneEncoder`, one per search space). Budgets are pymoo constraints.
+
+Algorithms, all held to the same number of real quality evaluations:
+- `nsga2`: pymoo NSGA-II, every candidate evaluated for real;
+- `linas`: LINAS (DyNAS-T): evaluate a population, fit a quality predictor on everything evaluated
+  so far, run an inner NSGA-II on the predictor for thousands of cheap evaluations, evaluate that
+  front for real, repeat;
+- `random`: distinct random sub-networks, the baseline.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .common import HwnasError
+from .space import SearchSpace, SubnetConfig
+
+log = logging.getLogger(__name__)
+ALGORITHMS = ("nsga2", "linas", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneEncoder:
+    """Sub-network <-> integer genes: per layer a keep bit, an MLP-width index and a head-option index.
+
+    Genes of dropped layers are ignored when decoding. A gene vector keeping fewer layers than the
+    space's minimum is repaired by keeping the lowest-index dropped layers.
+    """
+
+    space: SearchSpace
+
+    @property
+    def head_options(self) -> tuple[tuple[int, int], ...]:
+        """(query heads, KV heads) pairs a layer may take, smallest first."""
+        s = self.space
+        return tuple(sorted({(kv * q, kv) for kv in s.kv_head_choices for q in s.q_per_kv_choices}))
+
+    @property
+    def n_var(self) -> int:
+        return 3 * self.space.num_layers
+
+    @property
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        L = self.space.num_layers
+        upper = [1] * L + [len(self.space.mlp_choices) - 1] * L + [len(self.head_options) - 1] * L
+        return np.zeros(self.n_var, dtype=int), np.array(upper, dtype=int)
+
+    def encode(self, cfg: SubnetConfig) -> np.ndarray:
+        self.space.validate(cfg)
+        L, opts = self.space.num_layers, self.head_options
+        keep = np.zeros(L, dtype=int)
+        mlp = np.full(L, len(self.space.mlp_choices) - 1)
+        head = np.full(L, len(opts) - 1)
+        for layer, w, h, kv in zip(cfg.layers, cfg.mlp, cfg.heads, cfg.kv_heads):
+            keep[layer] = 1
+            mlp[layer] = self.space.mlp_choices.index(w)
+            head[layer] = opts.index((h, kv))
+        return np.concatenate([keep, mlp, head])
+
+    def decode(self, x: Sequence[float]) -> SubnetConfig:
+        L, opts = self.space.num_layers, self.head_options
+        x = np.asarray(np.round(x), dtype=int)
+        if x.shape != (self.n_var,):
+            raise HwnasError(f"gene vector has shape {x.shape}; expected ({self.n_var},)")
+        lo, hi = self.bounds
+        x = np.clip(x, lo, hi)
+        keep = [i for i in range(L) if x[i]]
+        for i in range(L):  # repair: keep the lowest-index dropped layers up to the minimum depth
+            if len(keep) >= self.space.min_layers:
+                break
+            if i not in keep:
+                keep = sorted(keep + [i])
+        mlp = tuple(self.space.mlp_choices[x[L + i]] for i in keep)
+        heads = tuple(opts[x[2 * L + i]] for i in keep)
+        return SubnetConfig(L, tuple(keep), mlp, tuple(h for h, _ in heads), tuple(kv for _, kv in heads))
+
+
+class KLQuality:
+    """Mean KL(full || sub-network) of the next-token distributions on fixed calibration tokens."""
+
+    def __init__(self, supernet: Any, input_ids: Any, *, batch_size: int = 4) -> None:
+        import torch
+
+        self.sn, self.ids, self.batch_size = supernet, input_ids, batch_size
+        supernet.set_max()
+        with torch.no_grad():
+            self.teacher = [torch.log_softmax(supernet(b).logits.float(), -1) for b in self._batches()]
+
+    def _batches(self):
+        return self.ids.split(self.batch_size)
+
+    def __call__(self, cfg: SubnetConfig) -> float:
+        import torch
+
+        self.sn.set_active(cfg)
+        total, n = 0.0, 0
+        with torch.no_grad():
+            for b, t in zip(self._batches(), self.teacher):
+                s = torch.log_softmax(self.sn(b).logits.float(), -1)
+                total += float((t.exp() * (t - s)).sum())
+                n += b.numel()
+        return total / n
+
+
+@dataclasses.dataclass
+class Objectives:
+    """The search's view of a sub-network: three callables and the budgets (None: no budget)."""
+
+    quality: Callable[[SubnetConfig], float]
+    latency: Callable[[SubnetConfig], float]
+    size: Callable[[SubnetConfig], float]
+    latency_budget: float | None = None
+    size_budget: float | None = None
+
+    def constraints(self, lat: float, size: float) -> list[float]:
+        g = []
+        if self.latency_budget is not None:
+            g.append(lat - self.latency_budget)
+        if self.size_budget is not None:
+            g.append(size - self.size_budget)
+        return g
+
+
+def check_budgets(encoder: GeneEncoder, obj: Objectives) -> None:
+    """Refuse budgets no sub-network meets, naming the smallest achievable latency and size."""
+    smallest = encoder.space.min_config()
+    lat, size = obj.latency(smallest), obj.size(smallest)
+    if obj.latency_budget is not None and obj.latency_budget < lat:
+        raise HwnasError(f"latency budget {obj.latency_budget:.3f} ms is below the smallest achievable, {lat:.3f} ms")
+    if obj.size_budget is not None and obj.size_budget < size:
+        raise HwnasError(f"size budget {obj.size_budget / 1e6:.1f} MB is below the smallest achievable, {size / 1e6:.1f} MB")
+
+
+def pareto_mask(F: np.ndarray) -> np.ndarray:
+    """True for the rows of F (minimised) that no other row dominates."""
+    from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+
+    mask = np.zeros(len(F), dtype=bool)
+    if len(F):
+        mask[NonDominatedSorting().do(F, only_non_dominated_front=True)] = True
+    return mask
+
+
+def hypervolume(F: np.ndarray, ref: np.ndarray) -> float:
+    """Hypervolume of the points of F (minimised) dominating `ref`."""
+    from pymoo.indicators.hv import HV
+
+    F = F[np.all(F <= ref, axis=1)]
+    return float(HV(ref_point=ref)(F)) if len(F) else 0.0
+
+
+# ------------------------------------------------------------------------------------- the loop
+@dataclasses.dataclass
+class Evaluated:
+    config: SubnetConfig
+    quality: float
+    latency_ms: float
+    size_bytes: float
+    generation: int
+
+    def objectives(self) -> list[float]:
+        return [self.quality, self.latency_ms, self.size_bytes]
+
+
+class Evaluator:
+    """Evaluates gene vectors, each distinct sub-network once, counting real quality evaluations.
+
+    `map_quality` evaluates a list of configs (in order); it is where Ray spreads the work.
+    """
+
+    def __init__(self, encoder: GeneEncoder, obj: Objectives, budget: int,
+                 map_quality: Callable[[list[SubnetConfig]], list[float]] | None = None) -> None:
+        self.encoder, self.obj, self.budget = encoder, obj, budget
+        self.map_quality = map_quality or (lambda cfgs: [obj.quality(c) for c in cfgs])
+        self.done: dict[SubnetConfig, Evaluated] = {}
+        self.order: list[Evaluated] = []
+
+    @property
+    def used(self) -> int:
+        return len(self.order)
+
+    def evaluate(self, X: np.ndarray, generation: int) -> tuple[np.ndarray, np.ndarray]:
+        """F (n, 3) and G (n, n_constr) for gene rows X; rows past the budget get infinite objectives."""
+        cfgs = [self.encoder.decode(x) for x in X]
+        new = []
+        for c in cfgs:
+            if c not in self.done and c not in new and self.used + len(new) < self.budget:
+                new.append(c)
+        for c, q in zip(new, self.map_quality(new)):
+            e = Evaluated(c, float(q), float(self.obj.latency(c)), float(self.obj.size(c)), generation)
+            self.done[c] = e
+            self.order.append(e)
+        F, G = [], []
+        n_g = len(self.obj.constraints(0.0, 0.0))
+        for c in cfgs:
+            e = self.done.get(c)
+            if e is None:  # over budget: never selected
+                F.append([np.inf] * 3)
+                G.append([np.inf] * n_g)
+            else:
+                F.append(e.objectives())
+                G.append(self.obj.constraints(e.latency_ms, e.size_bytes))
+        return np.array(F, dtype=float), np.array(G, dtype=float).reshape(len(cfgs), n_g)
+
+    def feasible(self) -> list[Evaluated]:
+        return [e for e in self.order if all(g <= 0 for g in self.obj.constraints(e.latency_ms, e.size_bytes))]
+
+
+def _problem(encoder: GeneEncoder, n_constr: int):
+    from pymoo.core.problem import Problem
+
+    lo, hi = encoder.bounds
+    return Problem(n_var=encoder.n_var, n_obj=3, n_ieq_constr=n_constr, xl=lo, xu=hi, vtype=int)
+
+
+def _nsga2(pop_size: int, seed: int, problem: Any):
+    from pymoo.algorithms.moo.nsga2 import NSGA2
+    from pymoo.operators.crossover.sbx import SBX
+    from pymoo.operators.mutation.pm import PM
+    from pymoo.operators.repair.rounding import RoundingRepair
+    from pymoo.operators.sampling.rnd import IntegerRandomSampling
+    from pymoo.core.termination import NoTermination
+
+    algo = NSGA2(pop_size=pop_size, sampling=IntegerRandomSampling(),
+                 crossover=SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair()),
+                 mutation=PM(eta=20, vtype=float, repair=RoundingRepair()), eliminate_duplicates=True)
+    algo.setup(problem, termination=NoTermination(), seed=seed)
+    return algo
+
+
+def config_features(encoder: GeneEncoder, cfg: SubnetConfig) -> np.ndarray:
+    """Per layer: kept, relative MLP width and relative head count (0 for dropped layers)."""
+    L, s = encoder.space.num_layers, encoder.space
+    f = np.zeros((3, L))
+    for layer, w, h in zip(cfg.layers, cfg.mlp, cfg.heads):
+        f[:, layer] = (1.0, w / s.mlp_choices[-1], h / encoder.head_options[-1][0])
+    return f.ravel()
+
+
+class LinasState:
+    """What a LINAS run carries between iterations (pickled with the run's state)."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.iteration = 0
+
+
+def linas_step(ev: Evaluator, state: LinasState, pop_size: int, inner_generations: int = 50,
+               inner_pop: int = 100) -> int:
+    """One LINAS iteration: the first evaluates a random population; later ones fit a quality predictor
+    on everything evaluated, run NSGA-II on it, and evaluate up to `pop_size` new front members."""
+    from pymoo.core.evaluator import Evaluator as PymooEvaluator
+    from pymoo.core.problem import Problem
+    from sklearn.ensemble import GradientBoostingRegressor
+
+    lo, hi = ev.encoder.bounds
+    gen = state.iteration
+    if gen == 0 or len(ev.order) < 8:
+        X = state.rng.integers(lo, hi + 1, size=(pop_size, ev.encoder.n_var))
+        before = ev.used
+        ev.evaluate(X, gen)
+        state.iteration += 1
+        return ev.used - before
+    X_seen = np.stack([config_features(ev.encoder, e.config) for e in ev.order])
+    y_seen = np.array([e.quality for e in ev.order])
+    model = GradientBoostingRegressor(n_estimators=200, max_depth=3, learning_rate=0.05, subsample=0.8,
+                                      random_state=int(state.rng.integers(1 << 31)))
+    model.fit(X_seen, y_seen)
+    enc, obj = ev.encoder, ev.obj
+    n_g = len(obj.constraints(0.0, 0.0))
+
+    class Surrogate(Problem):
+        def _evaluate(self, X, out, *args, **kwargs):
+            cfgs = [enc.decode(x) for x in X]
+            q = model.predict(np.stack([config_features(enc, c) for c in cfgs]))
+            lat = np.array([obj.latency(c) for c in cfgs])
+            size = np.array([obj.size(c) for c in cfgs])
+            out["F"] = np.stack([q, lat, size], 1)
+            if n_g:
+                out["G"] = np.array([obj.constraints(a, b) for a, b in zip(lat, size)])
+
+    inner = Surrogate(n_var=enc.n_var, n_obj=3, n_ieq_constr=n_g, xl=lo, xu=hi, vtype=int)
+    algo = _nsga2(inner_pop, int(state.rng.integers(1 << 31)), inner)
+    for _ in range(inner_generations):
+        pop = algo.ask()
+        PymooEvaluator().eval(inner, pop)
+        algo.tell(infills=pop)
+    front = algo.opt if algo.opt is not None and len(algo.opt) else algo.pop
+    cands = [x for x in front.get("X") if enc.decode(x) not in ev.done]
+    rest = [x for x in algo.pop.get("X") if enc.decode(x) not in ev.done and not any((x == c).all() for c in cands)]
+    pick = (cands + rest)[:pop_size]
+    if len(pick) < pop_size:  # the surrogate's population is exhausted: fill with random genes
+        pick += list(state.rng.integers(lo, hi + 1, size=(pop_size - len(pick), enc.n_var)))
+    before = ev.used
+    ev.evaluate(np.stack(pick), gen)
+    state.iteration += 1
+    return ev.used - before
+
+
+# --------------------------------------------------------------------------------- the command
+HV_REFERENCE = "(KL = ln(vocab), latency = full model's, size = full model's), on (KL, latency, size)"
+
+
+def calibration_ids(tokenizer: Any, num_sequences: int, seq_len: int) -> Any:
+    """Search-quality tokens: calibration-split passages taken from its end, so they are not the
+    passages the importance order was computed on (taken from its start); never the test split."""
+    import torch
+
+    from .data import lambada_texts
+
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids: list[int] = []
+    need = num_sequences * seq_len
+    for text in reversed(lambada_texts("calibration")):
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + sep
+        if len(ids) >= need:
+            break
+    if len(ids) < need:
+        raise HwnasError(f"calibration text gives {len(ids)} tokens, {need} needed")
+    return torch.tensor(ids[:need]).view(num_sequences, seq_len)
+
+
+_CONTEXT: dict[tuple, tuple[Any, KLQuality]] = {}
+
+
+def quality_context(model: str, sequences: int, seq_len: int) -> tuple[Any, KLQuality]:
+    """The supernet and its quality objective, built once per process (searches in a row share them)."""
+    from .supernet import Supernet
+
+    key = (str(model), sequences, seq_len)
+    if key not in _CONTEXT:
+        _CONTEXT.clear()  # one supernet in memory at a time
+        sn = Supernet.from_pretrained(model)
+        _CONTEXT[key] = (sn, KLQuality(sn, calibration_ids(sn.tokenizer, sequences, seq_len)))
+    return _CONTEXT[key]
+
+
+def run_search(*, model: str = "smollm2-135m", table: str, algorithm: str = "nsga2", evaluations: int = 200,
+               population: int = 20, latency_budget: float | None = None, latency_ratio: float | None = None,
+               size_budget: float | None = None, phase: str = "decode", seed: int = 0, workers: int = 1,
+               ray_address: str | None = None, resume: bool = False, out: str, sequences: int = 8,
+               seq_len: int = 128, progress: bool = True) -> dict[str, Any]:
+    """Search sub-networks of `model` trading KL to the full model against `table`'s predicted latency and size."""
+    import pickle
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from .hub import read_llama_config, resolve_model
+    from .latency import model_signature
+    from .predictor import LatencyPredictor
+
+    if algorithm not in ALGORITHMS:
+        raise HwnasError(f"algorithm {algorithm!r} is not known; expected one of {list(ALGORITHMS)}")
+    if population < 2 or evaluations < population:
+        raise HwnasError(f"need population >= 2 and evaluations >= population, got {population} and {evaluations}")
+    if latency_budget is not None and latency_ratio is not None:
+        raise HwnasError("give --latency-budget or --latency-ratio, not both")
+    if latency_ratio is not None and not 0 < latency_ratio <= 1:
+        raise HwnasError(f"--latency-ratio must be in (0, 1], got {latency_ratio}")
+    if workers < 1:
+        raise HwnasError(f"workers must be at least 1, got {workers}")
+    out = Path(out)
+    args = {"model": model, "table": str(Path(table).resolve()), "algorithm": algorithm, "evaluations": evaluations,
+            "population": population, "latency_budget": latency_budget, "latency_ratio": latency_ratio,
+            "size_budget": size_budget, "phase": phase, "seed": seed, "sequences": sequences, "seq_len": seq_len}
+    state_path = out / "state.pkl"
+    if state_path.exists() and not resume:
+        raise HwnasError(f"{out} holds a search; pass --resume to continue it or choose another --out")
+    saved = None
+    if resume and state_path.exists():
+        with open(state_path, "rb") as f:
+            saved = pickle.load(f)
+        diff = {k: (saved["args"].get(k), v) for k, v in args.items() if saved["args"].get(k) != v}
+        if diff:
+            raise HwnasError("cannot resume: " + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+
+    config = read_llama_config(resolve_model(model))
+    predictor = LatencyPredictor.load(table)
+    predictor.table.check_model(model_signature(config))
+    sn, quality = quality_context(model, sequences, seq_len)
+    encoder = GeneEncoder(sn.search_space)
+    full = sn.search_space.max_config()
+    lat = lambda c: predictor.latency_ms(c, phase)  # noqa: E731
+    size = lambda c: float(predictor.bytes(c))  # noqa: E731
+    budget = latency_budget if latency_ratio is None else latency_ratio * lat(full)
+    obj = Objectives(quality, lat, size, budget, None if size_budget is None else size_budget * 1e6)
+    check_budgets(encoder, obj)
+    ev = Evaluator(encoder, obj, evaluations, _ray_map(sn, quality, workers, ray_address))
+    problem = _problem(encoder, len(obj.constraints(0.0, 0.0)))
+    if saved:
+        for d in saved["evaluations"]:
+            e = Evaluated(SubnetConfig.from_dict(d["config"]), d["quality"], d["latency_ms"], d["size_bytes"], d["generation"])
+            ev.done[e.config], _ = e, ev.order.append(e)
+        algo, generation = saved["algo"], saved["generation"]
+        if algorithm == "nsga2":
+            algo.problem = problem
+    else:
+        generation = 0
+        algo = _nsga2(population, seed, problem) if algorithm == "nsga2" else LinasState(seed)
+    with tqdm(total=evaluations, initial=ev.used, desc=f"search {algorithm}", unit="eval", disable=not progress) as bar:
+        while ev.used < evaluations:
+            before = ev.used
+            if algorithm == "nsga2":
+                pop = algo.ask()
+                F, G = ev.evaluate(pop.get("X"), generation)
+                pop.set("F", F, "G", G) if G.shape[1] else pop.set("F", F)
+                algo.tell(infills=pop)
+            elif algorithm == "linas":
+                linas_step(ev, algo, population)
+            else:
+                lo, hi = encoder.bounds
+                ev.evaluate(algo.rng.integers(lo, hi + 1, size=(population, encoder.n_var)), generation)
+            generation += 1
+            if ev.used == before and algorithm == "nsga2" and generation > 10 * evaluations:
+                break  # the population converged onto evaluated sub-networks only
+            _checkpoint(state_path, args, ev, algo, generation)
+            bar.update(ev.used - before)
+            best = min((e for e in ev.feasible()), key=lambda e: e.quality, default=None)
+            if best:
+                bar.set_postfix_str(f"gen {generation} best KL {best.quality:.3f} at {best.latency_ms:.1f} ms")
+    report = write_outputs(out, ev, full_latency=lat(full), full_size=size(full),
+                           vocab=int(config["vocab_size"]), args=args, predictor=predictor)
+    return report
+
+
+def _checkpoint(path: Any, args: dict, ev: Evaluator, algo: Any, generation: int) -> None:
+    import os
+    import pickle
+    import tempfile
+
+    problem = getattr(algo, "problem", None)
+    if problem is not None:
+        algo.problem = None  # holds no state of its own; rebuilt on resume
+    try:
+        data = {"args": args, "generation": generation, "algo": algo,
+                "evaluations": [_row(e) for e in ev.order]}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".state.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(data, f)
+        os.replace(tmp, path)
+    finally:
+        if problem is not None:
+            algo.problem = problem
+
+
+def _row(e: Evaluated) -> dict[str, Any]:
+    return {"config": e.config.to_dict(), "quality": e.quality, "latency_ms": e.latency_ms,
+            "size_bytes": e.size_bytes, "generation": e.generation}
+
+
+def _ray_map(sn: Any, quality: KLQuality, workers: int, address: str | None):
+    """Serial evaluation for one worker; otherwise Ray actors sharing the supernet's weights."""
+    if workers == 1 and address is None:
+        return None
+    from .parallel import RayQuality
+
+    return RayQuality(sn, quality, workers=workers, address=address)
+
+
+def write_outputs(out: Any, ev: Evaluator, *, full_latency: float, full_size: float, vocab: int,
+                  args: dict[str, Any], predictor: Any) -> dict[str, Any]:
+    """evaluations.csv, pareto.json, pareto.png and summary.json (with the front's hypervolume) in `out`."""
+    import csv
+    import io
+    import json
+    import math
+
+    from .common import atomic_write_json, atomic_write_text
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["index", "generation", "kl", "latency_ms", "size_bytes", "feasible", "layers", "config"])
+    feasible = {id(e) for e in ev.feasible()}
+    for i, e in enumerate(ev.order):
+        w.writerow([i, e.generation, repr(e.quality), repr(e.latency_ms), int(e.size_bytes),
+                    int(id(e) in feasible), e.config.depth, json.dumps(e.config.to_dict(), separators=(",", ":"))])
+    atomic_write_text(out / "evaluations.csv", buf.getvalue())
+    cands = ev.feasible()
+    F = np.array([e.objectives() for e in cands]).reshape(-1, 3)
+    front = sorted((e for e, m in zip(cands, pareto_mask(F)) if m), key=lambda e: e.latency_ms)
+    norm = np.array([1.0, 1.0 / full_latency, 1.0 / full_size])
+    ref = np.array([math.log(vocab), 1.0, 1.0])
+    hv = hypervolume(np.array([e.objectives() for e in front]).reshape(-1, 3) * norm, ref)
+    pareto = [{"kl": e.quality, "latency_ms": e.latency_ms, "latency_ratio": e.latency_ms / full_latency,
+               "size_bytes": int(e.size_bytes), "size_ratio": e.size_bytes / full_size, "layers": e.config.depth,
+               "config": e.config.to_dict()} for e in front]
+    atomic_write_json(out / "pareto.json", {"objectives": ["kl", "latency_ms", "size_bytes"], "phase": args["phase"],
+                                            "table": args["table"], "front": pareto})
+    summary = {"args": args, "evaluations": ev.used, "feasible": len(cands), "front_size": len(front),
+               "hypervolume": hv, "hypervolume_reference": HV_REFERENCE, "normalised_by":
+               {"kl": 1.0, "latency_ms": full_latency, "size_bytes": full_size},
+               "full_model": {"kl": 0.0, "latency_ms": full_latency, "size_bytes": full_size},
+               "latency_budget_ms": ev.obj.latency_budget, "size_budget_bytes": ev.obj.size_budget,
+               "target": {"runtime": predictor.table.runtime, "precision": predictor.table.precision,
+                          "device": predictor.table.device_id}}
+    atomic_write_json(out / "summary.json", summary)
+    pareto_plot(ev, front, full_latency, out / "pareto.png", budget=ev.obj.latency_budget)
+    return {"out": str(out), "evaluations": ev.used, "front_size": len(front), "hypervolume": hv,
+            "best": pareto[-1] if pareto else None}
+
+
+def pareto_plot(ev: Evaluator, front: list[Evaluated], full_latency: float, path: Any, *, budget: float | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    ax.scatter([e.latency_ms for e in ev.order], [e.quality for e in ev.order], s=10, c="0.7", label="evaluated")
+    ax.plot([e.latency_ms for e in front], [e.quality for e in front], "o-", c="tab:red", ms=4, label="Pareto front")
+    ax.scatter([full_latency], [0.0], marker="*", s=160, c="k", label="full model", zorder=5)
+    if budget is not None:
+        ax.axvline(budget, ls="--", c="tab:blue", lw=1, label="latency budget")
+    ax.set(xlabel="predicted latency (ms)", ylabel="KL to the full model (nats/token)", title="hwnas search")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,144 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from hwnas import HwnasError, Supernet
+from hwnas.search import GeneEncoder, KLQuality, calibration_ids, hypervolume, pareto_mask, run_search
+from hwnas.space import SearchSpace
+
+
+def _space(path, **kw):
+    return SearchSpace.from_hf_config(json.loads((path / "config.json").read_text()), **kw)
+
+
+@pytest.mark.parametrize("variant", ["gqa", "mha"])
+def test_gene_encoder_round_trips(variant, tiny_models):
+    space = _space(tiny_models[variant])
+    enc = GeneEncoder(space)
+    lo, hi = enc.bounds
+    assert enc.n_var == 3 * space.num_layers and (lo == 0).all()
+    for seed in range(50):
+        cfg = space.sample(seed)
+        x = enc.encode(cfg)
+        assert x.shape == (enc.n_var,) and (x >= lo).all() and (x <= hi).all()
+        assert enc.decode(x) == cfg
+    assert enc.decode(enc.encode(space.max_config())) == space.max_config()
+    rng = np.random.default_rng(0)
+    for _ in range(50):  # any gene vector in bounds decodes to a valid config
+        space.validate(enc.decode(rng.integers(lo, hi + 1)))
+
+
+def test_decode_repairs_too_shallow_genes(tiny_model):
+    space = _space(tiny_model, min_layers=2)
+    enc = GeneEncoder(space)
+    x = np.zeros(enc.n_var, dtype=int)
+    assert enc.decode(x).layers == (0, 1)
+    with pytest.raises(HwnasError, match="expected \\(12,\\)"):
+        enc.decode(np.zeros(5))
+
+
+def test_kl_quality_is_zero_for_the_full_model(tiny_model):
+    sn = Supernet.from_pretrained(str(tiny_model))
+    q = KLQuality(sn, calibration_ids(sn.tokenizer, 2, 32), batch_size=1)
+    assert q(sn.search_space.max_config()) == pytest.approx(0.0, abs=1e-6)
+    small = q(sn.search_space.min_config())
+    assert small > 0.01 and q(sn.search_space.sample(1)) >= 0
+
+
+def test_pareto_mask_and_hypervolume():
+    F = np.array([[1, 3, 1], [2, 2, 1], [3, 3, 1], [1, 3, 2]], dtype=float)
+    assert pareto_mask(F).tolist() == [True, True, False, False]
+    assert hypervolume(np.array([[0.5, 0.5, 0.5]]), np.ones(3)) == pytest.approx(0.125)
+    assert hypervolume(np.array([[2.0, 0.5, 0.5]]), np.ones(3)) == 0.0
+
+
+def _search(tiny_model, table, out, **kw):
+    args = dict(model=str(tiny_model), table=str(table), evaluations=12, population=4, sequences=2, seq_len=32,
+                out=str(out), progress=False)
+    return run_search(**{**args, **kw})
+
+
+@pytest.mark.parametrize("algorithm", ["nsga2", "linas", "random"])
+def test_search_writes_its_outputs_within_budget(algorithm, tiny_model, tiny_tables, tmp_path):
+    r = _search(tiny_model, tiny_tables["onnxruntime"], tmp_path, algorithm=algorithm, latency_ratio=0.9)
+    rows = list(csv.DictReader((tmp_path / "evaluations.csv").open()))
+    assert r["evaluations"] == len(rows) == 12
+    assert len({row["config"] for row in rows}) == 12  # each distinct sub-network evaluated once
+    pareto = json.loads((tmp_path / "pareto.json").read_text())
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert pareto["front"] and all(p["latency_ratio"] <= 0.9 + 1e-9 for p in pareto["front"])
+    pts = np.array([[float(r["kl"]), float(r["latency_ms"]), float(r["size_bytes"])] for r in rows if r["feasible"] == "1"])
+    for p in pareto["front"]:  # nothing evaluated and feasible dominates a member of the front
+        f = np.array([p["kl"], p["latency_ms"], p["size_bytes"]])
+        assert not any((q <= f).all() and (q < f).any() for q in pts)
+    assert len(pareto["front"]) == int(pareto_mask(pts).sum())
+    assert summary["hypervolume"] > 0 and summary["front_size"] == len(pareto["front"])
+    assert (tmp_path / "pareto.png").stat().st_size > 10_000
+
+
+def test_search_is_deterministic_and_resumes_to_the_same_front(tiny_model, tiny_tables, tmp_path, monkeypatch):
+    whole = _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "a", seed=3)
+    again = _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "b", seed=3)
+    assert (tmp_path / "a" / "evaluations.csv").read_text() == (tmp_path / "b" / "evaluations.csv").read_text()
+    assert whole["hypervolume"] == again["hypervolume"]
+    # kill the search in its third generation, then resume it
+    calls = {"n": 0}
+    real = KLQuality.__call__
+
+    def dying(self, cfg):
+        calls["n"] += 1
+        if calls["n"] > 9:
+            raise KeyboardInterrupt
+        return real(self, cfg)
+
+    monkeypatch.setattr(KLQuality, "__call__", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "c", seed=3)
+    monkeypatch.setattr(KLQuality, "__call__", real)
+    assert (tmp_path / "c" / "state.pkl").exists() and not (tmp_path / "c" / "pareto.json").exists()
+    with pytest.raises(HwnasError, match="pass --resume"):
+        _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "c", seed=3)
+    with pytest.raises(HwnasError, match="seed was 3, now 4"):
+        _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "c", seed=4, resume=True)
+    _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "c", seed=3, resume=True)
+    a = json.loads((tmp_path / "a" / "pareto.json").read_text())["front"]
+    c = json.loads((tmp_path / "c" / "pareto.json").read_text())["front"]
+    assert a == c
+
+
+def test_search_rejects_bad_input(tiny_model, tiny_models, tiny_tables, tmp_path):
+    with pytest.raises(HwnasError, match="latency budget 0.001 ms is below the smallest achievable"):
+        _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "a", latency_budget=0.001)
+    with pytest.raises(HwnasError, match="size budget 0.0 MB is below the smallest achievable"):
+        _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "b", size_budget=0.00001)
+    with pytest.raises(HwnasError, match="was measured for model"):
+        _search(tiny_models["mha"], tiny_tables["onnxruntime"], tmp_path / "c")
+    with pytest.raises(HwnasError, match="algorithm 'cmaes'"):
+        _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "d", algorithm="cmaes")
+
+
+def test_search_cli(run_cli, tiny_model, tiny_tables, tmp_path):
+    out = json.loads(run_cli("search", "--model", str(tiny_model), "--table", str(tiny_tables["torch"]),
+                             "--algorithm", "random", "--evaluations", "6", "--population", "3",
+                             "--out", str(tmp_path / "s")).stdout)
+    assert out["evaluations"] == 6 and out["front_size"] >= 1
+    proc = run_cli("search", "--model", str(tiny_model), "--table", str(tiny_tables["torch"]), "--latency-ratio", "1.5",
+                   "--out", str(tmp_path / "t"), check=False)
+    assert proc.returncode == 2 and "--latency-ratio must be in (0, 1]" in proc.stderr
+
+
+def test_ray_workers_match_serial_quality(tiny_model):
+    pytest.importorskip("ray")
+    from hwnas.parallel import RayQuality
+
+    sn = Supernet.from_pretrained(str(tiny_model))
+    q = KLQuality(sn, calibration_ids(sn.tokenizer, 2, 32), batch_size=1)
+    cfgs = [sn.search_space.sample(s) for s in range(4)]
+    serial = [q(c) for c in cfgs]
+    rq = RayQuality(sn, q, workers=2)
+    try:
+        assert rq(cfgs) == pytest.approx(serial, abs=1e-5)
+    finally:
+        rq.ray.shutdown()
