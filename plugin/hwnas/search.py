@@ -411,6 +411,11 @@ def run_search(*, model: str = "smollm2-135m", table: str, algorithm: str = "nsg
             before = ev.used
             if algorithm == "nsga2":
                 pop = algo.ask()
+                if pop is None or len(pop) == 0:  # every offspring was a duplicate: bring in random immigrants
+                    from pymoo.core.population import Population
+
+                    lo, hi = encoder.bounds
+                    pop = Population.new("X", algo.random_state.integers(lo, hi + 1, size=(population, encoder.n_var)))
                 F, G = ev.evaluate(pop.get("X"), generation)
                 pop.set("F", F, "G", G) if G.shape[1] else pop.set("F", F)
                 algo.tell(infills=pop)
@@ -420,8 +425,8 @@ def run_search(*, model: str = "smollm2-135m", table: str, algorithm: str = "nsg
                 lo, hi = encoder.bounds
                 ev.evaluate(algo.rng.integers(lo, hi + 1, size=(population, encoder.n_var)), generation)
             generation += 1
-            if ev.used == before and algorithm == "nsga2" and generation > 10 * evaluations:
-                break  # the population converged onto evaluated sub-networks only
+            if ev.used == before and generation > 10 * evaluations:
+                break  # nothing new is being proposed: the search space is exhausted
             _checkpoint(state_path, args, ev, algo, generation)
             bar.update(ev.used - before)
             best = min((e for e in ev.feasible()), key=lambda e: e.quality, default=None)
