@@ -124,6 +124,16 @@ def test_search_cli(run_cli, tiny_model, tiny_tables, tmp_path):
                              "--algorithm", "random", "--evaluations", "6", "--population", "3",
                              "--out", str(tmp_path / "s")).stdout)
     assert out["evaluations"] == 6 and out["front_size"] >= 1
+    # the front feeds `hwnas export` directly: by default its lowest-KL member
+    front = json.loads((tmp_path / "s" / "pareto.json").read_text())["front"]
+    rep = json.loads(run_cli("export", "--model", str(tiny_model), "--subnet", str(tmp_path / "s" / "pareto.json"),
+                             "--out", str(tmp_path / "best")).stdout)
+    best = min(front, key=lambda p: p["kl"])
+    assert json.loads((tmp_path / "best" / "hwnas_subnet.json").read_text()) == best["config"]
+    assert rep["layers"] == best["layers"]
+    proc = run_cli("export", "--model", str(tiny_model), "--subnet", str(tmp_path / "s" / "pareto.json"),
+                   "--pick", str(len(front)), "--out", str(tmp_path / "x"), check=False)
+    assert proc.returncode == 2 and f"the front has {len(front)} members" in proc.stderr
     proc = run_cli("search", "--model", str(tiny_model), "--table", str(tiny_tables["torch"]), "--latency-ratio", "1.5",
                    "--out", str(tmp_path / "t"), check=False)
     assert proc.returncode == 2 and "--latency-ratio must be in (0, 1]" in proc.stderr

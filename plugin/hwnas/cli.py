@@ -33,11 +33,12 @@ def sample(*, model: str = DEFAULT_MODEL, seed: int = 0, out: Path, mlp_step: in
     return {"out": str(out), **cfg.to_dict()}
 
 
-def export(*, model: str = DEFAULT_MODEL, subnet: Path, out: Path, overwrite: bool = False) -> dict[str, Any]:
-    """Write sub-network `subnet` of `model` as a standalone checkpoint in `out`."""
+def export(*, model: str = DEFAULT_MODEL, subnet: Path, out: Path, overwrite: bool = False,
+           pick: int | None = None) -> dict[str, Any]:
+    """Write sub-network `subnet` (a config, or member `pick` of a pareto.json) of `model` as a checkpoint in `out`."""
     from .export import export_checkpoint
 
-    return export_checkpoint(model=model, subnet=subnet, out=out, overwrite=overwrite)
+    return export_checkpoint(model=model, subnet=subnet, out=out, overwrite=overwrite, pick=pick)
 
 
 def generate(*, model: str = DEFAULT_MODEL, prompt: str = "The capital of France is", max_new_tokens: int = 20) -> dict[str, Any]:
@@ -167,7 +168,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--mlp-step", type=int, default=64)
     c = cmd("export", export, "export a sub-network as a standalone Hugging Face checkpoint")
     model_arg(c)
-    c.add_argument("--subnet", type=Path, required=True, help="sub-network config JSON")
+    c.add_argument("--subnet", type=Path, required=True, help="sub-network config JSON, or a search's pareto.json")
+    c.add_argument("--pick", type=int, default=None, help="member of pareto.json (sorted by latency; default: the lowest KL)")
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     c = cmd("generate", generate, "greedy generation from a model or sub-network checkpoint")

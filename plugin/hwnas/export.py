@@ -20,6 +20,7 @@ def export_checkpoint(
     out: str | Path,
     overwrite: bool = False,
     supernet: Any = None,
+    pick: int | None = None,
 ) -> dict[str, Any]:
     """Write sub-network `subnet` (a config JSON) of `model` to `out`, with its tokenizer.
 
@@ -28,7 +29,7 @@ def export_checkpoint(
     """
     from .supernet import Supernet
 
-    cfg = SubnetConfig.from_json(subnet)
+    cfg = SubnetConfig.from_json(subnet, pick)
     sn = supernet or Supernet.from_pretrained(model)
     sn.search_space.validate(cfg)
     sub = sn.extract(cfg)

@@ -96,9 +96,21 @@ class SubnetConfig:
         return atomic_write_json(path, self.to_dict())
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "SubnetConfig":
+    def from_json(cls, path: str | Path, pick: int | None = None) -> "SubnetConfig":
+        """Read a config file, or member `pick` of a search's pareto.json (default: its lowest-KL member)."""
         try:
-            return cls.from_dict(read_json(path, "sub-network config"))
+            data = read_json(path, "sub-network config")
+            if isinstance(data, Mapping) and "front" in data:
+                front = data["front"]
+                if not isinstance(front, list) or not front:
+                    raise HwnasError("the Pareto front is empty")
+                i = min(range(len(front)), key=lambda j: front[j].get("kl", 0.0)) if pick is None else pick
+                if not -len(front) <= i < len(front):
+                    raise HwnasError(f"--pick {pick} is out of range; the front has {len(front)} members (0..{len(front) - 1})")
+                return cls.from_dict(front[i]["config"])
+            if pick is not None:
+                raise HwnasError("--pick selects a member of a search's pareto.json; this is a single config")
+            return cls.from_dict(data)
         except HwnasError as e:
             if str(path) in str(e):
                 raise
