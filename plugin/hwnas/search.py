@@ -399,7 +399,8 @@ def run_search(*, model: str = "smollm2-135m", table: str, algorithm: str = "nsg
     if saved:
         for d in saved["evaluations"]:
             e = Evaluated(SubnetConfig.from_dict(d["config"]), d["quality"], d["latency_ms"], d["size_bytes"], d["generation"])
-            ev.done[e.config], _ = e, ev.order.append(e)
+            ev.done[e.config] = e
+            ev.order.append(e)
         algo, generation = saved["algo"], saved["generation"]
         if algorithm == "nsga2":
             algo.problem = problem
