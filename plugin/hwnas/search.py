@@ -294,9 +294,22 @@ def linas_step(ev: Evaluator, state: LinasState, pop_size: int, inner_generation
         PymooEvaluator().eval(inner, pop)
         algo.tell(infills=pop)
     front = algo.opt if algo.opt is not None and len(algo.opt) else algo.pop
-    cands = [x for x in front.get("X") if enc.decode(x) not in ev.done]
-    rest = [x for x in algo.pop.get("X") if enc.decode(x) not in ev.done and not any((x == c).all() for c in cands)]
-    pick = (cands + rest)[:pop_size]
+    cands, seen = [], set()
+    for x in front.get("X"):
+        c = enc.decode(x)
+        if c not in ev.done and c not in seen:
+            seen.add(c)
+            cands.append((obj.latency(c), x))
+    cands.sort(key=lambda t: t[0])  # spread the picks along the predicted front, not its first members
+    if len(cands) > pop_size:
+        cands = [cands[i] for i in np.unique(np.round(np.linspace(0, len(cands) - 1, pop_size)).astype(int))]
+    pick = [x for _, x in cands]
+    for x in algo.pop.get("X"):
+        if len(pick) >= pop_size:
+            break
+        if enc.decode(x) not in ev.done and enc.decode(x) not in seen:
+            seen.add(enc.decode(x))
+            pick.append(x)
     if len(pick) < pop_size:  # the surrogate's population is exhausted: fill with random genes
         pick += list(state.rng.integers(lo, hi + 1, size=(pop_size - len(pick), enc.n_var)))
     before = ev.used
