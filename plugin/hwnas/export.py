@@ -22,7 +22,7 @@ def export_checkpoint(
     supernet: Any = None,
     pick: int | None = None,
 ) -> dict[str, Any]:
-    """Write sub-network `subnet` (a config JSON) of `model` to `out`, with its tokenizer.
+    """Write sub-network `subnet` (a config JSON, or member `pick` of a pareto.json) of `model` to `out`, with its tokenizer.
 
     The folder appears in one rename when complete. Returns a report of parameters and size
     against the full model, also saved as `out/hwnas_export.json`.

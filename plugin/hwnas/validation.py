@@ -18,7 +18,7 @@ from typing import Any
 
 from . import runner
 from .common import HwnasError, atomic_write_json, read_json
-from .latency import PHASES, build_deployed, deployed_inputs, measure_torch_model, model_signature, phase_key
+from .latency import build_deployed, deployed_inputs, measure_torch_model, model_signature, phase_key
 from .predictor import LatencyPredictor, LatencyTable
 from .space import SearchSpace, SubnetConfig
 
@@ -209,5 +209,3 @@ def scatter_plot(report: dict[str, Any], path: Path) -> Path:
     tmp.replace(path)
     return path
 
-
-__all__ = ["validate_latency", "spread_configs", "scatter_plot", "PHASES"]
