@@ -512,9 +512,9 @@ def _profile_torch(model: str, model_dir: Path, space: SearchSpace, header: dict
                         sn = Supernet.from_pretrained(model, dtype={"fp32": "float32", "fp16": "float16",
                                                       "bf16": "bfloat16"}[header["precision"]], device=device,
                                                       calibration=None)
-                        subs = {json.dumps(c.to_dict()): sn.extract(c) for c in cal}
+                        subs = {c: sn.extract(c) for c in cal}
                     cfg, ph, t = job
-                    stats = measure_torch_model(subs[json.dumps(cfg.to_dict())], ph, t, warmup=max(1, w // 3),
+                    stats = measure_torch_model(subs[cfg], ph, t, warmup=max(1, w // 3),
                                                 repeats=max(3, r // 6))
                 pending.setdefault(key, []).append({k: v for k, v in stats.items() if k != "samples_ms"})
                 if len(pending[key]) == ROUNDS:

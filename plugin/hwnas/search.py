@@ -307,8 +307,9 @@ def linas_step(ev: Evaluator, state: LinasState, pop_size: int, inner_generation
     for x in algo.pop.get("X"):
         if len(pick) >= pop_size:
             break
-        if enc.decode(x) not in ev.done and enc.decode(x) not in seen:
-            seen.add(enc.decode(x))
+        c = enc.decode(x)
+        if c not in ev.done and c not in seen:
+            seen.add(c)
             pick.append(x)
     if len(pick) < pop_size:  # the surrogate's population is exhausted: fill with random genes
         pick += list(state.rng.integers(lo, hi + 1, size=(pop_size - len(pick), enc.n_var)))
@@ -325,20 +326,9 @@ HV_REFERENCE = "(KL = ln(vocab), latency = full model's, size = full model's), o
 def calibration_ids(tokenizer: Any, num_sequences: int, seq_len: int) -> Any:
     """Search-quality tokens: calibration-split passages taken from its end, so they are not the
     passages the importance order was computed on (taken from its start); never the test split."""
-    import torch
+    from .supernet import Calibration, calibration_batches
 
-    from .data import lambada_texts
-
-    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids: list[int] = []
-    need = num_sequences * seq_len
-    for text in reversed(lambada_texts("calibration")):
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + sep
-        if len(ids) >= need:
-            break
-    if len(ids) < need:
-        raise HwnasError(f"calibration text gives {len(ids)} tokens, {need} needed")
-    return torch.tensor(ids[:need]).view(num_sequences, seq_len)
+    return calibration_batches(tokenizer, Calibration(num_sequences, seq_len), from_end=True)
 
 
 _CONTEXT: dict[tuple, tuple[Any, KLQuality]] = {}

@@ -62,14 +62,19 @@ class Calibration:
         return f"lambada-calibration-{self.num_sequences}x{self.seq_len}"
 
 
-def calibration_batches(tokenizer: PreTrainedTokenizerBase, spec: Calibration) -> torch.Tensor:
-    """Token ids (num_sequences, seq_len) from the calibration split, packed end to end."""
+def calibration_batches(tokenizer: PreTrainedTokenizerBase, spec: Calibration, *, from_end: bool = False) -> torch.Tensor:
+    """Token ids (num_sequences, seq_len) from the calibration split, packed end to end.
+
+    The importance order reads the split from its start; `from_end` reads it from its end, for a
+    second use (the search's quality objective) that should not reuse the same passages.
+    """
     from .data import lambada_texts
 
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids: list[int] = []
     need = spec.num_sequences * spec.seq_len
-    for text in lambada_texts("calibration"):
+    texts = lambada_texts("calibration")
+    for text in reversed(texts) if from_end else texts:
         ids += tokenizer(text, add_special_tokens=False)["input_ids"] + sep
         if len(ids) >= need:
             break

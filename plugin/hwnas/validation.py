@@ -101,6 +101,7 @@ def validate_latency(*, model: str = "smollm2-135m", tables: list[Path], samples
     deployed = sorted((t for t in targets if not t.startswith("torch")), key=lambda t: t != "onnxruntime-fp32")
     with tqdm(total=len(cfgs), desc="build sub-networks", unit="net", disable=not progress) as bar:
         for i, cfg in enumerate(cfgs):
+            sub = None  # extracted once per sub-network, only when something is still to build or weigh
             for t in deployed:
                 d = art / str(i) / t
                 if not (d / "done").is_file():
@@ -108,22 +109,24 @@ def validate_latency(*, model: str = "smollm2-135m", tables: list[Path], samples
                     runtime, precision = t.split("-")
                     fp32 = art / str(i) / "onnxruntime-fp32"  # quantize the fp32 export when it is validated too
                     src = fp32 / "model.onnx" if (fp32 / "done").is_file() and runtime == "onnxruntime" else None
-                    f = build_deployed(sn.extract(cfg), runtime, precision, d, isa=isa, onnx_fp32=src)
+                    sub = sub if sub is not None else sn.extract(cfg)
+                    f = build_deployed(sub, runtime, precision, d, isa=isa, onnx_fp32=src)
                     (d / "done").write_text(f.name)
                 state["bytes"][f"{i}/{t}"] = _artifact_bytes(d / (d / "done").read_text())
             for t in targets:
                 if t.startswith("torch"):
-                    state["bytes"][f"{i}/{t}"] = sum(p.numel() * p.element_size() for p in sn.extract(cfg).parameters())
+                    sub = sub if sub is not None else sn.extract(cfg)
+                    state["bytes"][f"{i}/{t}"] = sum(p.numel() * p.element_size() for p in sub.parameters())
+            del sub
             bar.update(1)
-    flusher = runner.CacheFlusher()
+    flusher, sig = runner.CacheFlusher(), model_signature(config)
     jobs = [(k, i, t, ph, tok) for k in range(passes) for i in (range(len(cfgs)) if k % 2 == 0 else reversed(range(len(cfgs))))
             for t in targets for ph, tok in phases]
     with tqdm(total=len(jobs), desc="measure", unit="run", disable=not progress) as bar:
         for k, i, t, ph, tok in jobs:
             key = f"{k}/{i}/{t}/{phase_key(ph, tok)}"
             if key not in state["m"]:
-                state["m"][key] = _measure(sn, cfgs[i], t, art / str(i) / t, ph, tok, threads, flusher,
-                                           model_signature(config))["median_ms"]
+                state["m"][key] = _measure(sn, cfgs[i], t, art / str(i) / t, ph, tok, threads, flusher, sig)["median_ms"]
                 atomic_write_json(state_path, state)
             bar.update(1)
     report = _report(preds, targets, cfgs, phases, state, passes)
