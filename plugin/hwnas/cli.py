@@ -41,6 +41,13 @@ def export(*, model: str = DEFAULT_MODEL, subnet: Path, out: Path, overwrite: bo
     return export_checkpoint(model=model, subnet=subnet, out=out, overwrite=overwrite, pick=pick)
 
 
+def onnx(*, model: Path, out: Path, opset: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Export a checkpoint (full model or sub-network) to ONNX with Optimum, `text-generation-with-past`."""
+    from .export import export_onnx_checkpoint
+
+    return export_onnx_checkpoint(model=model, out=out, opset=opset, overwrite=overwrite)
+
+
 def generate(*, model: str = DEFAULT_MODEL, prompt: str = "The capital of France is", max_new_tokens: int = 20) -> dict[str, Any]:
     """Greedy generation from a full model or a sub-network checkpoint."""
     from .evaluate import greedy_generate
@@ -171,6 +178,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--subnet", type=Path, required=True, help="sub-network config JSON, or a search's pareto.json")
     c.add_argument("--pick", type=int, default=None, help="member of pareto.json (sorted by latency; default: the lowest KL)")
     c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    c = cmd("onnx", onnx, "export a checkpoint to ONNX (Optimum, KV cache), loadable with ORTModelForCausalLM")
+    c.add_argument("--model", type=Path, required=True, help="checkpoint folder (full model or hwnas export)")
+    c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--opset", type=int, default=None, help="ONNX opset (default: Optimum's; 21 for NNCF INT4)")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     c = cmd("generate", generate, "greedy generation from a model or sub-network checkpoint")
     model_arg(c)

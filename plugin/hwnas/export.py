@@ -5,7 +5,7 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from .common import HwnasError, atomic_dir, atomic_write_json
+from .common import HwnasError, atomic_dir, atomic_write_json, read_json
 from .space import SubnetConfig
 
 
@@ -60,52 +60,110 @@ def export_checkpoint(
 
 
 # ------------------------------------------------------------------------------ Optimum export
+# Optimum sizes the dummy KV cache it traces with from the config's single `num_key_value_heads`, and
+# onnxruntime checks every fixed input dimension. A heterogeneous sub-network (whole KV groups pruned
+# per layer, as on MHA models such as LLaMA2-7B) therefore gets a dummy cache shaped layer by layer and,
+# in ONNX, a dynamic KV-head axis: ORTModelForCausalLM starts generation with one empty cache shape for
+# every layer, and onnxruntime's Concat skips the empty tensor.
 _REGISTERED = False
+TASKS = ("feature-extraction", "feature-extraction-with-past", "text-generation", "text-generation-with-past")
+
+
+def layer_kv_heads(config: Any) -> list[int] | None:
+    """Each layer's KV-head count of an `hwnas_llama` config, or None for a uniform model."""
+    shapes = getattr(config, "layer_shapes", None)
+    return [s["num_key_value_heads"] for s in shapes] if shapes else None
+
+
+def _optimum_configs() -> tuple[type, type | None]:
+    """The ONNX and (with optimum-intel) OpenVINO export configs of `hwnas_llama`."""
+    from optimum.exporters.onnx.model_configs import LlamaOnnxConfig
+    from optimum.utils.input_generators import DummyTextInputGenerator, MistralDummyPastKeyValuesGenerator
+
+    class HwnasPastKeyValuesGenerator(MistralDummyPastKeyValuesGenerator):
+        """Dummy KV cache whose layers have their own KV-head counts."""
+
+        def __init__(self, task: str, normalized_config: Any, **kwargs: Any) -> None:
+            super().__init__(task, normalized_config, **kwargs)
+            self.kv_heads = layer_kv_heads(normalized_config.config) or [self.num_key_value_heads] * self.num_layers
+
+        def generate(self, input_name: str, framework: str = "pt", int_dtype: str = "int64", float_dtype: str = "fp32"):
+            shapes = [(self.batch_size, kv, self.sequence_length, self.head_dim) for kv in self.kv_heads]
+            return [tuple(self.random_float_tensor(s, framework=framework, dtype=float_dtype) for _ in "kv") for s in shapes]
+
+    class HwnasLlamaOnnxConfig(LlamaOnnxConfig):
+        DUMMY_INPUT_GENERATOR_CLASSES = (DummyTextInputGenerator, HwnasPastKeyValuesGenerator)
+        DUMMY_PKV_GENERATOR_CLASS = HwnasPastKeyValuesGenerator
+
+        def add_past_key_values(self, inputs_or_outputs: dict[str, dict[int, str]], direction: str) -> None:
+            super().add_past_key_values(inputs_or_outputs, direction)
+            kv = layer_kv_heads(self._config)
+            if kv and len(set(kv)) > 1:
+                for name, axes in inputs_or_outputs.items():
+                    if name.startswith(("past_key_values.", "present.")):
+                        axes[1] = f"num_key_value_heads.{name.split('.')[1]}"
+
+        def post_process_exported_models(self, path: Path, *args: Any):
+            result = super().post_process_exported_models(path, *args)
+            runtime_config(Path(path))
+            return result
+
+    try:
+        from optimum.exporters.openvino.model_configs import LlamaOpenVINOConfig
+    except ImportError:  # optimum-intel not installed: ONNX only
+        return HwnasLlamaOnnxConfig, None
+    # OpenVINO keeps the KV cache as state, sized per layer from these static shapes.
+    ov = type("HwnasLlamaOpenVINOConfig", (LlamaOpenVINOConfig,), {
+        "DUMMY_INPUT_GENERATOR_CLASSES": HwnasLlamaOnnxConfig.DUMMY_INPUT_GENERATOR_CLASSES,
+        "DUMMY_PKV_GENERATOR_CLASS": HwnasPastKeyValuesGenerator,
+    })
+    return HwnasLlamaOnnxConfig, ov
 
 
 def register_optimum() -> None:
-    """Teach Optimum's TasksManager (ONNX and OpenVINO backends) the `hwnas_llama` model type."""
+    """Teach Optimum's TasksManager (ONNX and OpenVINO backends) the `hwnas_llama` model type.
+
+    Also lets Optimum infer the `transformers` library from hwnas's model class, which subclasses
+    transformers' Llama (Optimum infers the library from the class's module).
+    """
     global _REGISTERED
     if _REGISTERED:
         return
     from optimum.exporters.onnx import utils as onnx_utils
-    from optimum.exporters.onnx.model_configs import LlamaOnnxConfig
     from optimum.exporters.tasks import TasksManager
 
-    tasks = ("feature-extraction", "feature-extraction-with-past", "text-generation", "text-generation-with-past")
-    TasksManager.create_register("onnx", overwrite_existing=True)("hwnas_llama", *tasks)(
-        type("HwnasLlamaOnnxConfig", (LlamaOnnxConfig,), {})
-    )
+    onnx_config, ov_config = _optimum_configs()
+    TasksManager.create_register("onnx", overwrite_existing=True)("hwnas_llama", *TASKS)(onnx_config)
+    if ov_config is not None:
+        TasksManager.create_register("openvino", overwrite_existing=True)("hwnas_llama", *TASKS,
+                                                                           library_name="transformers")(ov_config)
     onnx_utils.MODEL_TYPES_REQUIRING_POSITION_IDS.add("hwnas_llama")
-    try:
-        from optimum.exporters.openvino.model_configs import LlamaOpenVINOConfig
-    except ImportError:  # optimum-intel not installed: ONNX only
-        pass
-    else:
-        TasksManager.create_register("openvino", overwrite_existing=True)("hwnas_llama", *tasks, library_name="transformers")(
-            type("HwnasLlamaOpenVINOConfig", (LlamaOpenVINOConfig,), {})
-        )
+    infer = TasksManager._infer_library_from_model_or_model_class.__func__
+
+    def infer_library(cls: Any, model: Any = None, model_class: Any = None) -> str:
+        target = model.__class__ if model is not None else model_class
+        if target is not None and target.__module__.startswith("hwnas."):
+            return "transformers"
+        return infer(cls, model=model, model_class=model_class)
+
+    TasksManager._infer_library_from_model_or_model_class = classmethod(infer_library)
     _REGISTERED = True
 
 
-@contextlib.contextmanager
-def _as_transformers_class(model: Any):
-    """Optimum infers the library from the class's module: show it the plain Llama class while exporting."""
-    from transformers import LlamaForCausalLM
+def runtime_config(folder: Path) -> None:
+    """Mark an exported folder's `hwnas_llama` config as `llama` for the runtimes' loaders.
 
-    cls = model.__class__
-    model.__class__ = LlamaForCausalLM
-    try:
-        yield model
-    finally:
-        model.__class__ = cls
-
-
-def _check_exportable(model: Any) -> None:
-    shapes = getattr(model.config, "layer_shapes", None) or []
-    if len({s["num_key_value_heads"] for s in shapes}) > 1:
-        raise HwnasError("per-layer KV-head counts are not exportable yet (the dummy KV cache is sized from the config); "
-                         "export sub-networks that keep KV heads uniform")
+    ORTModelForCausalLM and OVModelForCausalLM read only the cache layout from config.json (the graph
+    holds the shapes), so the exported folder then loads without importing hwnas. The per-layer
+    shapes stay in `layer_shapes`, and `hwnas_model_type` records the source type.
+    """
+    path = folder / "config.json"
+    if not path.is_file():
+        return
+    data = read_json(path, "exported config")
+    if data.get("model_type") == "hwnas_llama":
+        data.update(model_type="llama", hwnas_model_type="hwnas_llama", architectures=["LlamaForCausalLM"])
+        atomic_write_json(path, data)
 
 
 def export_onnx(model: Any, out: str | Path, *, opset: int | None = None) -> Path:
@@ -113,9 +171,8 @@ def export_onnx(model: Any, out: str | Path, *, opset: int | None = None) -> Pat
     from optimum.exporters.onnx import onnx_export_from_model
 
     register_optimum()
-    _check_exportable(model)
     out = Path(out)
-    with _as_transformers_class(model), torch_quiet():
+    with torch_quiet():
         onnx_export_from_model(model, output=out, task="text-generation-with-past", opset=opset, do_validation=False,
                                library_name="transformers")
     return out / "model.onnx"
@@ -126,11 +183,64 @@ def export_openvino(model: Any, out: str | Path) -> Path:
     from optimum.exporters.openvino import export_from_model
 
     register_optimum()
-    _check_exportable(model)
     out = Path(out)
-    with _as_transformers_class(model), torch_quiet():
+    with torch_quiet():
         export_from_model(model, output=out, task="text-generation-with-past", stateful=True)
+    runtime_config(out)
     return out / "openvino_model.xml"
+
+
+ONNX_ATOL = 1e-3  # the largest logit difference from torch that `hwnas onnx` accepts
+
+
+def export_onnx_checkpoint(*, model: str | Path, out: str | Path, opset: int | None = None, overwrite: bool = False,
+                           prompt: str = "The capital of France is") -> dict[str, Any]:
+    """`hwnas onnx`: export a checkpoint (full model or sub-network) to an Optimum ONNX folder with KV cache.
+
+    The folder loads with `ORTModelForCausalLM.from_pretrained(out)` without importing hwnas. Before
+    the folder appears, onnxruntime's logits on `prompt` are checked against torch's (≤ ONNX_ATOL).
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    from .hub import load_model, require_kind, resolve_model
+
+    src = resolve_model(model)
+    require_kind(src, "torch", command="`hwnas onnx`")
+    torch_model, tokenizer = load_model(src, allow_subnet=True)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        onnx_path = export_onnx(torch_model, tmp, opset=opset)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        diff = _onnx_logit_diff(torch_model, onnx_path, tokenizer, prompt, np, ort)
+        if diff > ONNX_ATOL:
+            raise HwnasError(f"onnxruntime's logits differ from torch's by {diff:.2e} (> {ONNX_ATOL}); nothing written")
+        graph_bytes = sum(f.stat().st_size for f in tmp.glob("model.onnx*"))
+        report = {"model": str(src), "out": str(Path(out).resolve()), "opset": opset, "model_type": torch_model.config.model_type,
+                  "layers": torch_model.config.num_hidden_layers, "kv_heads_per_layer": layer_kv_heads(torch_model.config),
+                  "max_abs_logit_diff": diff, "onnx_bytes": graph_bytes}
+        atomic_write_json(tmp / "hwnas_onnx.json", report)
+    return report
+
+
+def _onnx_logit_diff(model: Any, onnx_path: Path, tokenizer: Any, prompt: str, np: Any, ort: Any) -> float:
+    """Max |logit difference| between torch and the exported graph on `prompt` (empty KV cache)."""
+    import torch
+
+    ids = tokenizer(prompt, return_tensors="np")["input_ids"] if tokenizer is not None else np.arange(1, 9)[None]
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    n = ids.shape[1]
+    feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones_like(ids, dtype=np.int64),
+             "position_ids": np.arange(n, dtype=np.int64)[None]}
+    for inp in sess.get_inputs():
+        if inp.name.startswith("past_key_values."):
+            layer = int(inp.name.split(".")[1])
+            kv = (layer_kv_heads(model.config) or [model.config.num_key_value_heads] * model.config.num_hidden_layers)[layer]
+            feeds[inp.name] = np.zeros((1, kv, 0, model.config.head_dim), np.float32)
+    got = sess.run(["logits"], {k: v for k, v in feeds.items() if k in {i.name for i in sess.get_inputs()}})[0]
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+    return float(np.abs(got - ref).max())
 
 
 @contextlib.contextmanager

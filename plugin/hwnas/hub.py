@@ -59,6 +59,27 @@ def read_llama_config(path: Path, *, allow_subnet: bool = False) -> dict:
     return cfg
 
 
+ARTIFACT_FILES = {"onnx": "model.onnx", "openvino": "openvino_model.xml"}
+
+
+def artifact_kind(path: Path) -> str:
+    """What a model folder holds: `onnx` (Optimum ONNX export), `openvino` (IR) or `torch` (a checkpoint)."""
+    for kind, name in ARTIFACT_FILES.items():
+        if (path / name).is_file():
+            return kind
+    return "torch"
+
+
+def require_kind(path: Path, *expected: str, command: str) -> str:
+    """The kind of `path`, or an error naming what was found and what `command` needs."""
+    kind = artifact_kind(path)
+    if kind not in expected:
+        what = {"onnx": "an ONNX export (model.onnx)", "openvino": "an OpenVINO IR (openvino_model.xml)",
+                "torch": "a torch checkpoint (config.json + *.safetensors)"}
+        raise HwnasError(f"{path} is {what[kind]}; {command} needs {' or '.join(what[k] for k in expected)}")
+    return kind
+
+
 def load_model(name_or_path: str | Path, *, dtype: str = "float32", device: str = "cpu", allow_subnet: bool = False):
     """Load (model, tokenizer-or-None) from a Llama folder. Weights come only from safetensors.
 
@@ -70,6 +91,7 @@ def load_model(name_or_path: str | Path, *, dtype: str = "float32", device: str 
     from . import modeling  # noqa: F401  (registers hwnas_llama with the Auto classes)
 
     path = resolve_model(name_or_path)
+    require_kind(path, "torch", command="loading a torch model")
     raw = read_llama_config(path, allow_subnet=allow_subnet)
     if not list(path.glob("*.safetensors")):
         found = sorted(p.name for p in path.glob("*.bin")) or "no weight files"
