@@ -1,0 +1,175 @@
+"""`hwnas quantize`: every method on the tiny Llama, its artifact in its runtime, bad input, loud quality failure."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from hwnas.common import HwnasError
+from hwnas.quantize import DEFAULT_MAX_KL, METHODS, quantize_model
+
+# Layer 0 keeps 2 of 4 query heads: its o_proj is 32 wide, which the default int4 group size (64) does not divide.
+SUBNET = {"num_layers": 4, "layers": [0, 1, 3], "mlp": [64, 256, 192], "heads": [2, 4, 4], "kv_heads": [2, 2, 2]}
+
+
+@pytest.fixture(scope="module")
+def subnet_dir(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from hwnas.export import export_checkpoint
+    from hwnas.supernet import Supernet
+
+    d = tmp_path_factory.mktemp("qsub")
+    (d / "cfg.json").write_text(json.dumps(SUBNET))
+    sn = Supernet.from_pretrained(tiny_model, calibration=None)
+    export_checkpoint(model=str(tiny_model), subnet=d / "cfg.json", out=d / "ckpt", supernet=sn)
+    return d / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An Optimum ONNX folder of the tiny model at the exporter's default opset (18), with its tokenizer."""
+    from hwnas.export import export_onnx
+    from hwnas.hub import load_model
+
+    model, tok = load_model(tiny_model)
+    out = tmp_path_factory.mktemp("qonnx")
+    export_onnx(model, out)
+    tok.save_pretrained(out)
+    return out
+
+
+def quantize(src: Path, method: str, out: Path, **kwargs):
+    kwargs = {"samples": 2, "accept_loss": True, "progress": False, **kwargs}
+    return quantize_model(src, method, out, **kwargs)
+
+
+def logits_in_runtime(folder: Path, method: str) -> torch.Tensor:
+    """Logits of the artifact through the stock loader of its runtime."""
+    ids = torch.tensor([[5, 17, 42, 9, 100]])
+    family = method.split("-")[0]
+    if family in ("ort", "nncf"):
+        from optimum.onnxruntime import ORTModelForCausalLM as cls
+    elif family == "ov":
+        from optimum.intel import OVModelForCausalLM as cls
+    else:
+        from transformers import AutoModelForCausalLM as cls  # hwnas_llama needs `import hwnas` (done above)
+    kwargs = {"device_map": "cpu"} if family == "bnb" else {}
+    model = cls.from_pretrained(folder, **kwargs)
+    with torch.no_grad():
+        return torch.as_tensor(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_writes_a_loadable_artifact_with_its_report(tiny_model, tmp_path, method):
+    report = quantize(tiny_model, method, tmp_path / "q")
+    out = tmp_path / "q"
+    assert json.loads((out / "quantize.json").read_text()) == report
+    assert report["method"] == method and report["source_kind"] == "torch" and report["settings"]
+    assert 0 < report["quantized_bytes"] < report["source_bytes"]
+    assert report["size_ratio"] == report["quantized_bytes"] / report["source_bytes"]
+    q = report["quality"]
+    assert q["tokens"] == 2 * 128 and q["kl"] >= 0 and q["nll_fp32"] > 0 and q["nll_quantized"] > 0
+    assert q["max_kl"] == DEFAULT_MAX_KL and q["passed"] == (q["kl"] <= DEFAULT_MAX_KL)
+    assert report["versions"]["hwnas"] and report["cpu"]["isa"]
+    assert not list(out.glob(".fp32*"))  # the intermediate fp32 export is gone
+    logits = logits_in_runtime(out, method)
+    assert logits.shape == (1, 5, 320) and torch.isfinite(logits).all()
+    if method == "ort-int8":
+        assert report["settings"]["op_types_to_quantize"] == ["MatMul"]
+        assert report["settings"]["reduce_range"] == (report["cpu"]["isa"] not in ("amx", "avx512vnni", "avxvnni"))
+    if method == "ov-int4":
+        assert report["settings"]["data_aware"] == {"awq": "applied", "scale_estimation": "applied"}
+
+
+@pytest.mark.parametrize("method", ["ort-int8", "ov-int8"])
+def test_heterogeneous_subnet_quantizes_and_loads(subnet_dir, tmp_path, method):
+    assert json.loads((subnet_dir / "config.json").read_text())["model_type"] == "hwnas_llama"
+    report = quantize(subnet_dir, method, tmp_path / "q")
+    assert report["quantized_bytes"] < report["source_bytes"]
+    assert torch.isfinite(logits_in_runtime(tmp_path / "q", method)).all()
+
+
+def test_onnx_folder_is_an_input_for_onnx_methods(onnx_dir, tmp_path):
+    report = quantize(onnx_dir, "ort-int8", tmp_path / "q")
+    assert report["source_kind"] == "onnx" and report["quality"]["kl"] < 0.5
+    assert torch.isfinite(logits_in_runtime(tmp_path / "q", "ort-int8")).all()
+
+
+@pytest.mark.parametrize("method, message", [
+    ("bnb-int8", "is an ONNX export (model.onnx); `hwnas quantize --method bnb-int8` needs a torch checkpoint"),
+    ("ov-int4", "is an ONNX export (model.onnx); `hwnas quantize --method ov-int4` needs a torch checkpoint"),
+    ("nncf-int4", "has opset 18; NNCF INT4_ASYM runs in onnxruntime only from opset 21"),
+])
+def test_onnx_folder_where_a_checkpoint_is_needed_is_refused(onnx_dir, tmp_path, method, message):
+    with pytest.raises(HwnasError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        quantize(onnx_dir, method, tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+
+
+def test_bad_arguments_are_refused_with_what_is_expected(tiny_model, tmp_path):
+    with pytest.raises(HwnasError, match="unknown quantization method 'gptq'; expected one of") as e:
+        quantize(tiny_model, "gptq", tmp_path / "q")
+    assert all(m in str(e.value) for m in METHODS)
+    with pytest.raises(HwnasError, match="neither 'smollm2-135m' nor an existing folder"):
+        quantize(tmp_path / "missing", "ort-int8", tmp_path / "q")
+    with pytest.raises(HwnasError, match="group size options apply to nncf-int4 and ov-int4 only"):
+        quantize(tiny_model, "ort-int8", tmp_path / "q", group_size=32)
+    with pytest.raises(HwnasError, match="unknown group-size fallback 'shrink'"):
+        quantize(tiny_model, "nncf-int4", tmp_path / "q", group_size_fallback="shrink")
+    assert not (tmp_path / "q").exists()
+
+
+def test_a_quantized_folder_is_not_a_source(tiny_model, tmp_path):
+    quantize(tiny_model, "bnb-int8", tmp_path / "q")
+    with pytest.raises(HwnasError, match=r"already quantized \(bnb-int8\); give its fp32 source"):
+        quantize(tmp_path / "q", "ort-int8", tmp_path / "q2")
+
+
+def test_int4_group_size_must_divide_every_width_unless_adjusted(subnet_dir, tmp_path):
+    with pytest.raises(HwnasError, match=r"group size 64 does not divide the input width of 1 layer\(s\): "
+                                         r"model\.layers\.0\.self_attn\.o_proj \(width 32\)"):
+        quantize(subnet_dir, "nncf-int4", tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+    report = quantize(subnet_dir, "nncf-int4", tmp_path / "q", group_size_fallback="adjust")
+    assert report["settings"]["advanced_parameters"] == {"group_size_fallback_mode": "adjust"}
+    assert torch.isfinite(logits_in_runtime(tmp_path / "q", "nncf-int4")).all()
+    report = quantize(subnet_dir, "ov-int4", tmp_path / "ov", group_size=32)
+    assert report["settings"]["group_size"] == 32 and report["settings"]["data_aware"]["awq"] == "applied"
+
+
+def test_nf4_refuses_widths_the_bitsandbytes_cpu_kernel_cannot_pack(subnet_dir, tmp_path):
+    with pytest.raises(HwnasError, match=r"bnb-nf4 needs .* multiple of 64 .* "
+                                         r"model\.layers\.0\.self_attn\.o_proj \(32 x 64\)"):
+        quantize(subnet_dir, "bnb-nf4", tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+
+
+def test_too_much_loss_fails_loudly_but_keeps_the_artifact(run_cli, tiny_model, tmp_path):
+    out = tmp_path / "q"
+    proc = run_cli("quantize", "--model", str(tiny_model), "--method", "ort-int8", "--out", str(out),
+                   "--samples", "1", "--max-kl", "1e-9", check=False)
+    assert proc.returncode == 2
+    assert "QUALITY CHECK FAILED" in proc.stderr and "loses too much quality: mean KL" in proc.stderr
+    assert "--accept-loss" in proc.stderr
+    report = json.loads((out / "quantize.json").read_text())
+    assert report["quality"]["passed"] is False and report["quality"]["max_kl"] == 1e-9
+    assert (out / "model.onnx").is_file()
+    report = quantize(tiny_model, "ort-int8", out, max_kl=0.0, overwrite=True)  # accepted: returns the report
+    assert report["quality"]["passed"] is False
+
+
+@pytest.mark.slow
+def test_ort_int8_quality_holds_on_this_cpu_for_the_default_model(tmp_path):
+    """The default model's ort-int8 artifact, with this CPU's settings, stays within the default KL threshold."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoTokenizer
+
+    report = quantize_model("smollm2-135m", "ort-int8", tmp_path / "q", progress=False)
+    q = report["quality"]
+    assert q["passed"] and q["kl"] < DEFAULT_MAX_KL and q["nll_quantized"] < q["nll_fp32"] + 1.0
+    assert report["size_ratio"] < 0.5
+    model = ORTModelForCausalLM.from_pretrained(tmp_path / "q")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "q")
+    out = model.generate(**tok("The capital of France is", return_tensors="pt"), max_new_tokens=3, do_sample=False)
+    assert "Paris" in tok.decode(out[0])
