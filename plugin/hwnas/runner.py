@@ -71,7 +71,7 @@ def trimmed_stats(samples_ms: list[float]) -> dict[str, float]:
         raise RunnerError("no timing samples")
     xs = np.asarray(samples_ms, dtype=np.float64)
     lo, hi = np.percentile(xs, [5, 95])
-    kept = xs[(xs >= lo) & (xs <= hi)]
+    kept = xs[(xs >= lo) & (xs <= hi)] if xs.size > 2 else xs  # two samples would both fall outside
     return {
         "mean_ms": float(kept.mean()),
         "std_ms": float(kept.std(ddof=1)) if kept.size > 1 else 0.0,
@@ -129,6 +129,12 @@ def make_input(spec: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
 
 # --------------------------------------------------------------------------------- runtimes
 def ort_runner(path: Path, threads: int, device: str = "cpu") -> Callable[[dict[str, np.ndarray]], Any]:
+    sess = ort_session(path, threads, device)
+    return lambda feeds: sess.run(None, feeds)
+
+
+def ort_session(path: Path, threads: int, device: str = "cpu"):
+    """An onnxruntime session with `threads` intra-op threads and full graph optimisation."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -138,8 +144,7 @@ def ort_runner(path: Path, threads: int, device: str = "cpu") -> Callable[[dict[
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
         raise RunnerError("device 'cuda' asked for, but this onnxruntime has no CUDAExecutionProvider")
-    sess = ort.InferenceSession(str(path), so, providers=providers)
-    return lambda feeds: sess.run(None, feeds)
+    return ort.InferenceSession(str(path), so, providers=providers)
 
 
 def ov_request(path: Path, threads: int, device: str = "cpu"):
