@@ -152,6 +152,54 @@ def search(
                       resume=resume, out=str(out))
 
 
+def run(*, model: str = DEFAULT_MODEL, runtime: str = "onnxruntime", precision: str = "int8", latency_ratio: float = 0.75,
+        budget: str = "quick", phase: str = "decode", table: Path | None = None, seed: int = 0, threads: int | None = None,
+        resume: bool = False, out: Path) -> dict[str, Any]:
+    """The main job: search, export, quantize, benchmark and evaluate the best sub-network under a latency budget."""
+    from .pipeline import run as run_pipeline
+
+    return run_pipeline(model=model, runtime=runtime, precision=precision, latency_ratio=latency_ratio, budget=budget,
+                        phase=phase, table=table, seed=seed, threads=threads, resume=resume, out=out)
+
+
+def benchmark(
+    *,
+    model: str | None = None,
+    compare: list[str] | None = None,
+    runtime: str | None = None,
+    prompt_tokens: int = 128,
+    new_tokens: int = 32,
+    threads: int | None = None,
+    repeats: int = 5,
+    rounds: int = 3,
+    out: Path,
+) -> dict[str, Any]:
+    """Prefill, time to first token, decode, peak memory and size of deployed models, side by side (interleaved)."""
+    from .benchmark import benchmark as run_benchmark
+
+    models = ([model] if model else []) + list(compare or []) or [DEFAULT_MODEL]
+    report = run_benchmark(models, runtime=runtime, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                           threads=threads, repeats=repeats, rounds=rounds, out=out)
+    print(report["markdown"])
+    return {"out": str(out), "markdown": str(Path(out).with_suffix(".md")),
+            "models": {e["label"]: {"runtime": e["runtime"], "prefill_ms": round(e["prefill_ms"]["median"], 2),
+                                    "ttft_ms": round(e["ttft_ms"]["median"], 2),
+                                    "decode_ms_per_token": round(e["decode_ms_per_token"]["median"], 3),
+                                    "tokens_per_s": round(e["tokens_per_s"], 2), "peak_rss_bytes": e["peak_rss_bytes"],
+                                    "decode_vs_floor": round(e["decode_vs_floor"], 2)} for e in report["models"]}}
+
+
+def quantize(*, model: str = DEFAULT_MODEL, method: str, out: Path, samples: int = 8, max_kl: float | None = None,
+             accept_loss: bool = False, overwrite: bool = False, group_size: int | None = None,
+             group_size_fallback: str = "error") -> dict[str, Any]:
+    """Quantize a checkpoint (or an ONNX folder) for its runtime and check the loss against the fp32 model."""
+    from .quantize import DEFAULT_MAX_KL, quantize_model
+
+    return quantize_model(model, method, out, samples=samples, max_kl=DEFAULT_MAX_KL if max_kl is None else max_kl,
+                          accept_loss=accept_loss, overwrite=overwrite, group_size=group_size,
+                          group_size_fallback=group_size_fallback)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hwnas", description="Hardware-aware NAS for LLaMA models.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -238,6 +286,46 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
     c.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
     c.add_argument("--out", type=Path, required=True)
+    c = cmd("run", run, "the main job: search, export, quantize, benchmark and evaluate; writes OUT/report.md")
+    model_arg(c)
+    c.add_argument("--runtime", default="onnxruntime", choices=["torch", "onnxruntime", "openvino"])
+    c.add_argument("--precision", default="int8", choices=["fp32", "int8", "int4"])
+    c.add_argument("--latency-ratio", type=float, default=0.75, help="latency budget as a fraction of the full model's")
+    c.add_argument("--budget", default="quick", choices=["quick", "full"], help="search and evaluation effort")
+    c.add_argument("--phase", default="decode", choices=["prefill", "decode"], help="latency the budget applies to")
+    c.add_argument("--table", type=Path, default=None, help="latency table (default: the shipped one for this device, "
+                   "else profile it)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
+    c.add_argument("--resume", action="store_true", help="continue a run in --out, reusing its finished steps")
+    c.add_argument("--out", type=Path, required=True)
+    c = cmd("benchmark", benchmark, "measure deployed models end to end (prefill, TTFT, decode, memory, size)")
+    c.add_argument("--model", default=None, help=f"model name, folder or .onnx/.xml file (default {DEFAULT_MODEL})")
+    c.add_argument("--compare", nargs="+", default=None, metavar="MODEL",
+                   help="more models, measured in interleaved rounds; ratios are against the first")
+    c.add_argument("--runtime", default=None, choices=["torch", "onnxruntime", "openvino"],
+                   help="default: read from each model folder")
+    c.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
+    c.add_argument("--new-tokens", type=int, default=32, help="tokens generated, the first included (default 32)")
+    c.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
+    c.add_argument("--repeats", type=int, default=5, help="timed runs per model per round (default 5)")
+    c.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    c.add_argument("--out", type=Path, required=True, help="report JSON (the Markdown table goes beside it as .md)")
+    from .quantize import DEFAULT_MAX_KL, METHODS
+
+    c = cmd("quantize", quantize, "quantize a checkpoint or ONNX folder (ORT, NNCF, OpenVINO, bitsandbytes) and "
+            "measure its KL to the fp32 model")
+    c.add_argument("--model", default=DEFAULT_MODEL, help="model name, checkpoint folder, or Optimum ONNX folder")
+    c.add_argument("--method", required=True, help=", ".join(METHODS))
+    c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--samples", type=int, default=8, help="held-out calibration sequences of 128 tokens (default 8)")
+    c.add_argument("--max-kl", type=float, default=DEFAULT_MAX_KL,
+                   help=f"mean next-token KL (nats) to the fp32 model above which it fails (default {DEFAULT_MAX_KL})")
+    c.add_argument("--accept-loss", action="store_true", help="exit 0 even when the KL exceeds --max-kl")
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    c.add_argument("--group-size", type=int, default=None, help="group size of nncf-int4 and ov-int4 (default 64)")
+    c.add_argument("--group-size-fallback", default="error", choices=["error", "adjust", "ignore"],
+                   help="int4 layers whose width the group size does not divide: error, adjust or ignore (NNCF)")
     return p
 
 

@@ -1,4 +1,7 @@
-"""Quality measurements of a causal LM: held-out perplexity and greedy generation."""
+"""Quality measurements of a causal LM: held-out perplexity and greedy generation.
+
+The model may be a torch model or a deployed one (Optimum's ORT/OpenVINO models, see hub.load_artifact).
+"""
 from __future__ import annotations
 
 import math
@@ -13,7 +16,7 @@ from tqdm.auto import tqdm
 def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: int = 8, max_len: int = 512,
                progress: bool = True) -> dict[str, float]:
     """Token-level perplexity over `texts`, each scored on its own (every token after the first)."""
-    device = next(model.parameters()).device
+    device = model.device
     nll, count = 0.0, 0
     batches = range(0, len(texts), batch_size)
     for start in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
@@ -41,7 +44,7 @@ def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: 
 @torch.no_grad()
 def greedy_generate(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 20, use_cache: bool = True) -> str:
     """Greedy continuation of `prompt` (the new text only)."""
-    enc = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+    enc = tokenizer(prompt, return_tensors="pt").to(model.device)
     enc = {k: enc[k] for k in ("input_ids", "attention_mask") if k in enc}
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=use_cache,
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
@@ -51,7 +54,7 @@ def greedy_generate(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: 
 @torch.no_grad()
 def lambada_accuracy(model: Any, tokenizer: Any, items: Sequence[tuple[str, str]], *, progress: bool = True) -> dict[str, float]:
     """LAMBADA last-word accuracy: the continuation's tokens are each the greedy choice (lm-eval's `acc`)."""
-    device = next(model.parameters()).device
+    device = model.device
     hits = 0
     for ctx, cont in tqdm(items, desc="lambada", unit="item", disable=not progress):
         c = tokenizer(ctx, add_special_tokens=False)["input_ids"]
@@ -59,7 +62,7 @@ def lambada_accuracy(model: Any, tokenizer: Any, items: Sequence[tuple[str, str]
         if not t:
             continue
         ids = torch.tensor([c + t], device=device)
-        pred = model(input_ids=ids, use_cache=False).logits[0, len(c) - 1:-1].argmax(-1)
+        pred = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0, len(c) - 1:-1].argmax(-1)
         hits += int(pred.tolist() == t)
     n = len(items)
     acc = hits / n

@@ -80,6 +80,37 @@ def require_kind(path: Path, *expected: str, command: str) -> str:
     return kind
 
 
+def load_artifact(name_or_path: str | Path):
+    """(model, tokenizer, kind) for a checkpoint or a deployed folder, each run by its own runtime.
+
+    ONNX folders load as Optimum's ORTModelForCausalLM and OpenVINO IR as OVModelForCausalLM; all
+    three answer `model(input_ids=..., attention_mask=...).logits` and `generate`.
+    """
+    path = resolve_model(name_or_path)
+    kind = artifact_kind(path)
+    if kind == "torch":
+        model, tok = load_model(path, allow_subnet=True)
+        return model, tok, kind
+    from transformers import AutoTokenizer
+
+    from . import modeling  # noqa: F401  (an OpenVINO folder keeps an hwnas_llama config)
+
+    if kind == "onnx":
+        from optimum.onnxruntime import ORTModelForCausalLM as cls
+    else:
+        from optimum.intel import OVModelForCausalLM as cls
+    try:
+        model = cls.from_pretrained(path)
+    except Exception as e:
+        raise HwnasError(f"cannot load {path} as {kind}: {type(e).__name__}: {e}") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        logger.warning("no usable tokenizer in %s (%s); continuing without one", path, e)
+        tok = None
+    return model, tok, kind
+
+
 def load_model(name_or_path: str | Path, *, dtype: str = "float32", device: str = "cpu", allow_subnet: bool = False):
     """Load (model, tokenizer-or-None) from a Llama folder. Weights come only from safetensors.
 
@@ -151,7 +182,9 @@ def ensure_default_model() -> Path:
         model = LlamaForCausalLM(config)
     model.load_state_dict(gguf.state_dict())
     model.generation_config.eos_token_id = model.generation_config.pad_token_id = tok.eos_token_id
+    # The GGUF state dict carries the tied LM head as its own tensor: save it once, as the tie reloads it.
+    state = {k: v for k, v in model.state_dict().items() if not (config.tie_word_embeddings and k == "lm_head.weight")}
     with atomic_dir(target, overwrite=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tok.save_pretrained(tmp)
     return target

@@ -1,0 +1,69 @@
+"""`hwnas run`: the whole chain on the tiny model, against its measured onnxruntime fp32 table."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hwnas.common import HwnasError
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model, tiny_tables, tmp_path_factory) -> Path:
+    from hwnas.pipeline import run
+
+    out = tmp_path_factory.mktemp("run") / "run"
+    run(model=str(tiny_model), runtime="onnxruntime", precision="fp32", latency_ratio=0.8, table=tiny_tables["onnxruntime"],
+        out=out, progress=False)
+    return out
+
+
+def test_run_deploys_benchmarks_and_reports(tiny_run):
+    report = json.loads((tiny_run / "report.json").read_text())
+    chosen = report["chosen"]
+    assert chosen["latency_ratio"] <= 0.8
+    # the deployed sub-network is the chosen config, exported to ONNX and loadable by the runtime
+    sub = json.loads((tiny_run / "subnet" / "hwnas_subnet.json").read_text())
+    assert sub == chosen["config"]
+    assert (Path(report["artifacts"]["subnet"]) / "model.onnx").is_file()
+    bench = report["benchmark"]
+    assert set(bench) == {"full", "subnet"}
+    assert all(bench[k]["decode_ms_per_token"] > 0 and bench[k]["file_bytes"] > 0 for k in bench)
+    assert bench["subnet"]["file_bytes"] < bench["full"]["file_bytes"]
+    h = report["headline"]
+    assert h["decode_speedup_vs_full"] == pytest.approx(bench["full"]["decode_ms_per_token"] / bench["subnet"]["decode_ms_per_token"])
+    for name in ("full", "subnet"):
+        q = report["quality"][name]
+        assert q["runtime"] == "onnx" and q["perplexity"]["perplexity"] > 1 and 0 <= q["lambada"]["acc"] <= 1
+    md = (tiny_run / "report.md").read_text()
+    assert "search/pareto.png" in md and (tiny_run / "search" / "pareto.png").is_file()
+    assert "hwnas run" in md and "## Reproduce" in md
+
+
+def test_run_resumes_from_its_finished_steps(tiny_run, tiny_model, tiny_tables):
+    from hwnas.pipeline import run
+
+    before = (tiny_run / "benchmark.json").stat().st_mtime_ns
+    run(model=str(tiny_model), runtime="onnxruntime", precision="fp32", latency_ratio=0.8, table=tiny_tables["onnxruntime"],
+        out=tiny_run, resume=True, progress=False)
+    assert (tiny_run / "benchmark.json").stat().st_mtime_ns == before  # nothing measured twice
+    with pytest.raises(HwnasError, match="arguments differ"):
+        run(model=str(tiny_model), runtime="onnxruntime", precision="fp32", latency_ratio=0.7,
+            table=tiny_tables["onnxruntime"], out=tiny_run, resume=True, progress=False)
+    with pytest.raises(HwnasError, match="not empty"):
+        run(model=str(tiny_model), runtime="onnxruntime", precision="fp32", table=tiny_tables["onnxruntime"], out=tiny_run,
+            progress=False)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(runtime="onnxruntime", precision="int8"), "does not match the target"),  # an fp32 table for an int8 deployment
+    (dict(runtime="tensorrt", precision="int8"), "cannot deploy tensorrt/int8; expected one of"),
+    (dict(runtime="onnxruntime", precision="fp32", budget="huge"), "unknown budget 'huge'"),
+    (dict(runtime="onnxruntime", precision="fp32", latency_ratio=1.5), r"must be in \(0, 1\]"),
+])
+def test_run_refuses_a_table_or_target_that_does_not_match(kwargs, match, tiny_model, tiny_tables, tmp_path):
+    from hwnas.pipeline import run
+
+    with pytest.raises(HwnasError, match=match):
+        run(model=str(tiny_model), table=tiny_tables["onnxruntime"], out=tmp_path / "r", progress=False, **kwargs)
