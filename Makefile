@@ -24,18 +24,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	@if $(BIN)/python -m pip show torchvision >/dev/null 2>&1; then echo "torchvision must not be installed" >&2; exit 1; fi
 	touch $@
 
-# Until deployment lands, the demo runs what exists: convert the default model (once), print its search
-# space, search it briefly against the shipped onnxruntime-int8 latency table (40 real evaluations, about
-# 3 min; resumable), export the front's most accurate sub-network under 80% of the full model's predicted
-# decode latency, and compare its generation with the full model's.
+# The main job on the embedded default model: search it against the shipped onnxruntime-int8 latency table
+# of this device (or profile the device first), export the most accurate sub-network under 75% of the full
+# model's decode latency, quantize it, benchmark it against the full model and evaluate both: runs/demo/report.md.
+# Resumable: a second `make demo` reuses the finished steps.
 DEMO := runs/demo
-DEMO_TABLE := latency_tables/smollm2-135m__cpu-amd-epyc-avx512vnni-t2__onnxruntime-int8.json
 demo: venv
-	$(BIN)/hwnas space
-	$(BIN)/hwnas search --table $(DEMO_TABLE) --evaluations 40 --population 10 --latency-ratio 0.8 --out $(DEMO)/search --resume
-	$(BIN)/hwnas export --subnet $(DEMO)/search/pareto.json --out $(DEMO)/subnet --overwrite
-	$(BIN)/hwnas generate --prompt "The capital of France is"
+	$(BIN)/hwnas run --budget quick --latency-ratio 0.75 --out $(DEMO) --resume
 	$(BIN)/hwnas generate --model $(DEMO)/subnet --prompt "The capital of France is"
+	@echo "report: $(DEMO)/report.md"
 
 test: venv
 	$(BIN)/python -m pytest -m "not slow or smoke" tests

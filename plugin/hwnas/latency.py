@@ -610,14 +610,16 @@ def _write_manifest(work: Path, model: str, model_dir: Path, space: SearchSpace,
 
 def _build_block(block: Block, config: Any, path: Path, runtime: str, precision: str, isa: str) -> None:
     from .export import torch_quiet
-    from .quantize import compress_openvino, quantize_onnx
+    from .quantize import compress_openvino, quantize_onnx, settings_for
 
     opset = 21 if runtime == "onnxruntime" and precision == "int4" else 18
     raw = path.with_name(f".{path.stem}.raw.onnx")
     export_block_onnx(block, config, raw, opset=opset)
     try:
-        if runtime == "onnxruntime" and (precision == "fp32" or block.kind == "head" and config.tie_word_embeddings):
-            # A tied LM head reaches onnxruntime as a Transpose of the embedding, which neither quantizer touches.
+        if runtime == "onnxruntime" and (precision == "fp32" or block.kind == "head" and config.tie_word_embeddings
+                                         and not settings_for(runtime, precision, isa).get("untie_lm_head")):
+            # A tied LM head reaches onnxruntime as a Transpose of the embedding, which the quantizer skips
+            # unless it is untied first (int8 does that; int4's MatMulNBits keeps it fp32).
             os.replace(raw, path)
         elif runtime == "onnxruntime":
             tmp = path.with_name(f".{path.name}.tmp.onnx")

@@ -146,8 +146,9 @@ class LatencyPredictor:
     def bytes(self, cfg: SubnetConfig, precision: str | None = None) -> int:
         """Weight bytes of `cfg` deployed at the table's runtime and `precision` (default: the table's)."""
         h = self.table.header
-        return size_bytes(cfg, h["model_signature"], runtime=h["runtime"], precision=precision or h["precision"],
-                          tied=h.get("tie_word_embeddings", False))
+        # a tied head that the quantizer gave its own weight (quantize.untie_lm_head) is stored twice
+        tied = h.get("tie_word_embeddings", False) and not h.get("quantization", {}).get("untie_lm_head", False)
+        return size_bytes(cfg, h["model_signature"], runtime=h["runtime"], precision=precision or h["precision"], tied=tied)
 
     def _fit(self, pk: str) -> Correction:
         """The correction form (none, scale, affine, affine plus a per-layer term) with the lowest
@@ -219,7 +220,7 @@ def _matrix_bytes(rows: int, cols: int, runtime: str, precision: str) -> float:
 def size_bytes(cfg: SubnetConfig, sig: dict[str, int], *, runtime: str, precision: str, tied: bool) -> int:
     """Weight bytes of a deployed sub-network, following what each runtime's quantizer touches.
 
-    onnxruntime's dynamic quantization (MatMul only) keeps the embedding in fp32 and, when tied, the LM
+    onnxruntime's dynamic quantization (MatMul only) keeps the embedding in fp32 and, when tied and not untied, the LM
     head with it; NNCF compresses the embedding too, and keeps the LM head in int8 in int4 mode.
     """
     total = sum(_matrix_bytes(r, c, runtime, precision) for r, c in linear_shapes(cfg, sig))

@@ -13,6 +13,7 @@ import platform
 import re
 import shutil
 import time
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -30,11 +31,43 @@ def ort_int8_settings(isa: str) -> dict[str, Any]:
     """onnxruntime `quantize_dynamic` settings for this CPU.
 
     Only MatMuls are quantized: quantizing the tied embedding Gather makes every decode step
-    dequantize the whole LM head. Without VNNI, signed int8 weights with full range saturate the
-    u8s8 kernels (NLL 3.9 -> 16 measured on the default model), so the range is reduced there.
+    dequantize the whole LM head. A tied LM head reaches the graph as a Transpose of the embedding,
+    which the quantizer skips, so it is first given its own (transposed) weight: it is the largest
+    matrix a decode step reads. Without VNNI, signed int8 weights with full range saturate the u8s8
+    kernels (NLL 3.9 -> 16 measured on the default model), so the range is reduced there.
     """
     return {"op_types_to_quantize": ["MatMul"], "per_channel": True, "reduce_range": isa not in _VNNI,
-            "weight_type": "QInt8"}
+            "weight_type": "QInt8", "untie_lm_head": True}
+
+
+def untie_lm_head(model: Any) -> list[str]:
+    """Give each MatMul that reads a Transpose of an initializer (a tied LM head) its own transposed weight.
+
+    Edits the onnx ModelProto in place; returns the MatMuls changed. The embedding Gather keeps the original.
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    transposes = {n.output[0]: n for n in graph.node if n.op_type == "Transpose" and n.input[0] in inits}
+    changed = []
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.input[1] in transposes:
+            t = transposes[node.input[1]]
+            perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
+            data = np.ascontiguousarray(np.transpose(numpy_helper.to_array(inits[t.input[0]]), perm))
+            name = f"{t.input[0]}.untied_T"
+            if name not in inits:
+                graph.initializer.append(numpy_helper.from_array(data, name))
+                inits[name] = graph.initializer[-1]
+            node.input[1] = name
+            changed.append(node.name)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for t in transposes.values():
+        if t.output[0] not in used:
+            graph.node.remove(t)
+    return changed
 
 
 def quantize_onnx(src: str | Path, dst: str | Path, *, precision: str, isa: str) -> dict[str, Any]:
@@ -43,10 +76,22 @@ def quantize_onnx(src: str | Path, dst: str | Path, *, precision: str, isa: str)
     if precision == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
+        import onnx
+
         settings = ort_int8_settings(isa)
-        kwargs = {**settings, "weight_type": QuantType[settings["weight_type"]]}
-        quantize_dynamic(src, dst, use_external_data_format=_large(src), **kwargs)
-        return {"method": "onnxruntime.quantize_dynamic", **settings}
+        kwargs = {k: v for k, v in settings.items() if k != "untie_lm_head"}
+        kwargs["weight_type"] = QuantType[kwargs["weight_type"]]
+        graph = onnx.load(str(src))
+        before = {i.name for i in graph.graph.initializer}
+        untied = untie_lm_head(graph) if settings["untie_lm_head"] else []
+        big = _large(src, extra=sum(i.ByteSize() for i in graph.graph.initializer if i.name not in before))
+        with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".untied-") as work:
+            if untied:  # a file, not the proto: a 7B graph exceeds protobuf's 2 GB
+                src = Path(work) / "model.onnx"
+                onnx.save(graph, str(src), save_as_external_data=big, location="model.onnx_data")
+            del graph
+            quantize_dynamic(src, dst, use_external_data_format=big, **kwargs)
+        return {"method": "onnxruntime.quantize_dynamic", **settings, "untied_matmuls": untied}
     if precision == "int4":
         import onnx
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -59,8 +104,9 @@ def quantize_onnx(src: str | Path, dst: str | Path, *, precision: str, isa: str)
     raise HwnasError(f"onnxruntime precision {precision!r} is not supported; expected fp32, int8 or int4")
 
 
-def _large(path: Path) -> bool:
-    return path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob("*.onnx_data")) > 1_900_000_000
+def _large(path: Path, extra: int = 0) -> bool:
+    """Whether a graph with `extra` bytes more than `path` (and its external data) must store weights outside (2 GB)."""
+    return path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob("*.onnx_data")) + extra > 1_900_000_000
 
 
 def ov_compression(precision: str) -> dict[str, Any]:
