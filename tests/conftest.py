@@ -113,3 +113,13 @@ def tiny_tables(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> d
         out[runtime] = Path(profile(model=str(tiny_model), runtime=runtime, precision="fp32", calibration=3, warmup=1,
                                     repeats=5, out=d / f"{runtime}.json", progress=False)["table"])
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_int8_table(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An onnxruntime int8 table of the tiny GQA model (with its fp32-down_proj MLP variants), measured once."""
+    from hwnas.latency import profile
+
+    out = tmp_path_factory.mktemp("int8_table") / "onnxruntime-int8.json"
+    return Path(profile(model=str(tiny_model), runtime="onnxruntime", precision="int8", calibration=1, warmup=1,
+                        repeats=3, prefill=[16], decode=[16], out=out, progress=False)["table"])

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -30,6 +31,16 @@ def test_blocks_of_a_subnet_count_each_use(tiny_model):
     used = blocks_of(cfg, "decode", 8)
     assert len(used) == 2 + 2 * cfg.depth
     assert sum(b.kind == "mlp" for b in used) == cfg.depth
+
+
+def test_mixed_precision_adds_an_fp32_down_proj_variant_per_width(tiny_model):
+    space = _space(tiny_model)
+    plain = {b.key for b in blocks_for(space, {"decode": [8]})}
+    mixed = {b.key for b in blocks_for(space, {"decode": [8]}, ["down_proj"])}
+    assert mixed - plain == {f"mlp.i{w}.dfp32/decode.c8" for w in space.mlp_choices}
+    cfg = dataclasses.replace(space.max_config(), fp32_down=(0, 1, 0, 1))
+    keys = [b.key for b in blocks_of(cfg, "decode", 8) if b.kind == "mlp"]
+    assert keys == ["mlp.i256/decode.c8", "mlp.i256.dfp32/decode.c8"] * 2
 
 
 @pytest.mark.parametrize("block", [Block("attn", "decode", 8, heads=2, kv_heads=2), Block("attn", "prefill", 12, heads=4, kv_heads=2),
@@ -86,6 +97,24 @@ def test_onnxruntime_int8_blocks_are_quantized_like_the_deployed_model(tiny_mode
     assert "MatMulInteger" in ops("blocks/head__decode.c128.onnx")
     deployed = ops("e2e/0/model_int8.onnx")
     assert deployed.count("MatMulInteger") == 7 * 4 + 1 and "Gather" in deployed  # 4 layers x 7 linears + head
+    # the fp32-down_proj variant: the STACK copies' down_proj stay MatMul, gate and up are quantized
+    nodes = onnx.load(str(d / "blocks/mlp.i128.dfp32__decode.c128.onnx")).graph.node
+    assert sorted(n.name for n in nodes if n.op_type == "MatMul") == sorted(f"/mlps.{i}/down_proj/MatMul"
+                                                                           for i in range(STACK))
+    assert sum(n.op_type == "MatMulInteger" for n in nodes) == 2 * STACK
+    assert json.loads((d / "manifest.json").read_text())["table_header"]["mixed_precision"] == ["down_proj"]
+
+
+def test_onnxruntime_int8_table_offers_fp32_down_proj(tiny_int8_table, tiny_model):
+    from hwnas.quantize import settings_for
+    from hwnas.runner import cpu_info
+
+    table = json.loads(tiny_int8_table.read_text())
+    h = table["header"]
+    assert h["mixed_precision"] == ["down_proj"] and h["complete"]
+    assert h["quantization"] == settings_for("onnxruntime", "int8", cpu_info()["isa"])  # what check_table compares
+    assert set(table["entries"]) == {b.key for b in blocks_for(_space(tiny_model), h["phases"], ["down_proj"])}
+    assert "mlp.i256.dfp32/decode.c16" in table["entries"]
 
 
 def test_openvino_int8_profile(tiny_model, tmp_path):

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -104,6 +105,24 @@ def test_size_model_matches_the_extracted_weights(tiny_model):
         int8 = size_bytes(cfg, SIG, runtime="onnxruntime", precision="int8", tied=True)
         int4 = size_bytes(cfg, SIG, runtime="openvino", precision="int4", tied=True)
         assert int4 < int8 < real
+
+
+def test_fp32_down_proj_uses_its_own_entries_and_counts_fp32_bytes(tiny_int8_table, tiny_model):
+    space = _space(tiny_model)
+    p = LatencyPredictor.load(tiny_int8_table)
+    int8 = space.max_config()
+    mixed = dataclasses.replace(int8, fp32_down=(1, 0, 0, 1))
+    e = p.table.entries
+    extra = 2 * (e["mlp.i256.dfp32/decode.c16"]["median_ms"] - e["mlp.i256/decode.c16"]["median_ms"])
+    assert p.block_sum(mixed, "decode") == pytest.approx(p.block_sum(int8, "decode") + extra)
+    assert p.latency_ms(mixed, "prefill") > 0
+    # a down_proj matrix (64 x 256) kept fp32: 4 bytes a weight instead of 1, and no scale and zero point
+    assert p.bytes(mixed) - p.bytes(int8) == 2 * (4 * 64 * 256 - (64 * 256 + 64 * 5))
+    assert size_bytes(mixed, SIG, runtime="openvino", precision="int8", tied=True) == \
+        size_bytes(int8, SIG, runtime="openvino", precision="int8", tied=True)  # only ORT int8 honours it
+    old = synthetic_table(space)  # a table without the variant names what it lacks
+    with pytest.raises(HwnasError, match=r"lacks 1 entries.*'mlp\.i256\.dfp32/decode\.c8'"):
+        LatencyPredictor(LatencyTable(old)).latency_ms(mixed, "decode")
 
 
 def test_predict_cli(run_cli, tiny_tables, tiny_model, tmp_path):

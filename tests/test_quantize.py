@@ -96,6 +96,73 @@ def test_onnx_folder_is_an_input_for_onnx_methods(onnx_dir, tmp_path):
     assert torch.isfinite(logits_in_runtime(tmp_path / "q", "ort-int8")).all()
 
 
+def _ort_logits(path: Path, ids: torch.Tensor, kv_heads: tuple[int, ...]) -> torch.Tensor:
+    import numpy as np
+    import onnxruntime as ort
+
+    x = ids.numpy()
+    feeds = {"input_ids": x, "attention_mask": np.ones_like(x), "position_ids": np.arange(x.shape[1])[None]}
+    for i, kv in enumerate(kv_heads):
+        feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = np.zeros((1, kv, 0, 16), np.float32)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(sess.run(["logits"], feeds)[0])
+
+
+def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    p, q = torch.log_softmax(p_logits.double(), -1), torch.log_softmax(q_logits.double(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("fp32_down", [(), (1, 0, 1)])
+@pytest.mark.parametrize("isa", ["avx2", "avx512vnni"])  # reduce_range (7-bit weights) and full range
+def test_torch_emulation_of_ort_int8_matches_onnxruntime(tiny_model, tmp_path, fp32_down, isa):
+    """The search's int8 quality (OrtInt8) against the real thing: quantize_onnx, run in onnxruntime."""
+    from hwnas import OrtInt8, SubnetConfig, Supernet
+    from hwnas.export import export_onnx
+    from hwnas.quantize import ort_int8_settings, quantize_onnx
+    from hwnas.runner import cpu_info
+
+    if not ort_int8_settings(isa)["reduce_range"] and ort_int8_settings(cpu_info()["isa"])["reduce_range"]:
+        pytest.skip("full-range int8 weights saturate this CPU's u8s8 kernels (no VNNI)")
+    sn = Supernet.from_pretrained(tiny_model, calibration=None)
+    cfg = SubnetConfig(**{**SUBNET, "fp32_down": fp32_down})
+    path = export_onnx(sn.extract(cfg), tmp_path / "fp32")
+    settings = quantize_onnx(path, tmp_path / "int8.onnx", precision="int8", isa=isa,
+                             fp32_down=[i for i, d in enumerate(fp32_down) if d])
+    assert len(settings.get("nodes_to_exclude", [])) == sum(fp32_down)
+    ids = torch.randint(0, 320, (1, 48), generator=torch.Generator().manual_seed(0))
+    real = _ort_logits(tmp_path / "int8.onnx", ids, cfg.kv_heads)
+    with torch.no_grad():
+        sn.set_active(cfg)
+        fp32 = sn(ids).logits
+        sn.set_active(cfg, quant=OrtInt8.from_settings(ort_int8_settings(isa)))
+        sn.extract()  # extraction leaves the emulation on
+        emulated = sn(ids).logits
+    gap, err = _kl(real, fp32), _kl(real, emulated)
+    print(f"{isa} fp32_down={fp32_down}: KL(ort int8 || torch fp32) {gap:.3e}, KL(ort int8 || emulated) {err:.3e}")
+    assert gap > 1e-5 and err < 0.3 * gap
+
+
+def test_ort_int8_keeps_the_down_proj_a_subnet_marks_fp32(subnet_dir, tiny_model, tmp_path):
+    import shutil
+
+    import onnx
+
+    ckpt = tmp_path / "ckpt"  # the same weights: fp32_down is a deployment choice, read from hwnas_subnet.json
+    shutil.copytree(subnet_dir, ckpt)
+    (ckpt / "hwnas_subnet.json").write_text(json.dumps({**SUBNET, "fp32_down": [1, 0, 1]}))
+    report = quantize(ckpt, "ort-int8", tmp_path / "q")
+    nodes = onnx.load(str(tmp_path / "q" / "model.onnx")).graph.node
+    kept = ["/model/layers.0/mlp/down_proj/MatMul", "/model/layers.2/mlp/down_proj/MatMul"]
+    assert sorted(n.name for n in nodes if n.op_type == "MatMul" and "down_proj" in n.name) == kept
+    assert sum(n.op_type == "MatMulInteger" for n in nodes) == 7 * 3 + 1 - 2
+    assert report["settings"]["nodes_to_exclude"] == kept
+    everything = quantize(tiny_model, "ort-int8", tmp_path / "all", keep_fp32="down_proj")
+    assert len(everything["settings"]["nodes_to_exclude"]) == 4
+    with pytest.raises(HwnasError, match="--keep-fp32 takes down_proj, with --method ort-int8 only"):
+        quantize(tiny_model, "ov-int8", tmp_path / "x", keep_fp32="down_proj")
+
+
 @pytest.mark.parametrize("method, message", [
     ("bnb-int8", "is an ONNX export (model.onnx); `hwnas quantize --method bnb-int8` needs a torch checkpoint"),
     ("ov-int4", "is an ONNX export (model.onnx); `hwnas quantize --method ov-int4` needs a torch checkpoint"),

@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -28,6 +29,30 @@ def test_gene_encoder_round_trips(variant, tiny_models):
     rng = np.random.default_rng(0)
     for _ in range(50):  # any gene vector in bounds decodes to a valid config
         space.validate(enc.decode(rng.integers(lo, hi + 1)))
+
+
+def test_gene_encoder_with_mixed_precision_has_a_down_proj_bit_per_layer(tiny_model):
+    space = _space(tiny_model)
+    enc = GeneEncoder(space, mixed_precision=True)
+    lo, hi = enc.bounds
+    assert enc.n_var == 4 * space.num_layers and (hi[3 * space.num_layers:] == 1).all()
+    for seed in range(30):
+        base = space.sample(seed)
+        cfg = dataclasses.replace(base, fp32_down=tuple((seed + i) % 2 for i in range(base.depth)))
+        assert enc.decode(enc.encode(cfg)) == cfg
+    assert enc.decode(enc.encode(space.max_config())) == space.max_config()  # all int8: fp32_down empty
+    assert any(enc.decode(x).fp32_down for x in np.random.default_rng(0).integers(lo, hi + 1, size=(20, enc.n_var)))
+    with pytest.raises(HwnasError, match="this search has no mixed precision"):
+        GeneEncoder(space).encode(dataclasses.replace(space.max_config(), fp32_down=(1, 0, 0, 0)))
+
+
+def test_search_against_an_int8_table_weighs_int8_loss_and_down_proj_precision(tiny_model, tiny_int8_table, tmp_path):
+    _search(tiny_model, tiny_int8_table, tmp_path, latency_ratio=1.0, evaluations=8)
+    rows = list(csv.DictReader((tmp_path / "evaluations.csv").open()))
+    configs = [json.loads(r["config"]) for r in rows]
+    assert any("fp32_down" in c for c in configs)
+    full = [float(r["kl"]) for r, c in zip(rows, configs) if c == _space(tiny_model).max_config().to_dict()]
+    assert full and full[0] > 1e-4  # the full model, all int8, is scored against the fp32 teacher
 
 
 def test_decode_repairs_too_shallow_genes(tiny_model):

@@ -1,5 +1,6 @@
 import itertools
 import json
+import re
 
 import pytest
 
@@ -17,6 +18,19 @@ def test_json_round_trip(tmp_path):
     assert SubnetConfig.from_json(path) == c
     assert json.loads(path.read_text())["layers"] == [0, 2]
     assert isinstance(SubnetConfig.from_dict(json.loads(path.read_text())).mlp, tuple)
+
+
+def test_fp32_down_round_trips_and_is_omitted_when_all_int8(tmp_path):
+    mixed = cfg(fp32_down=[0, 1])
+    assert mixed.fp32_down == (0, 1) and mixed.fp32_down_mask == (False, True) and mixed.is_uniform == cfg().is_uniform
+    assert SubnetConfig.from_json(mixed.to_json(tmp_path / "m.json")) == mixed
+    assert json.loads((tmp_path / "m.json").read_text())["fp32_down"] == [0, 1]
+    # all zeros is the default: the same config, and files without the key stay as they were
+    assert cfg(fp32_down=(0, 0)) == cfg() and "fp32_down" not in cfg(fp32_down=(0, 0)).to_dict()
+    assert cfg().fp32_down_mask == (False, False) and mixed != cfg()
+    front = {"front": [{"kl": 0.1, "config": mixed.to_dict()}]}
+    (tmp_path / "pareto.json").write_text(json.dumps(front))
+    assert SubnetConfig.from_json(tmp_path / "pareto.json") == mixed
 
 
 def test_frozen_and_hashable():
@@ -38,10 +52,13 @@ def test_frozen_and_hashable():
         (dict(mlp=(64, True)), "must be an integer"),
         (dict(kv_heads=(2, 0)), "kv_heads must be at least 1"),
         (dict(num_layers=0), "num_layers must be a positive integer"),
+        (dict(fp32_down=(1,)), "fp32_down has 1 entries, expected none or one per kept layer (2)"),
+        (dict(fp32_down=(0, 2)), "layer 2: fp32_down must be 0 (int8 down_proj) or 1 (fp32), got 2"),
+        (dict(fp32_down=(0, True)), "SubnetConfig.fp32_down[1] must be an integer"),
     ],
 )
 def test_invalid_configs_name_the_problem(kw, message):
-    with pytest.raises(HwnasError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(HwnasError, match=re.escape(message)):
         cfg(**kw)
 
 

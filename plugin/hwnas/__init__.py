@@ -15,7 +15,7 @@ from .space import SearchSpace, SubnetConfig  # noqa: E402
 
 try:
     from .modeling import HwnasLlamaConfig, HwnasLlamaForCausalLM  # noqa: E402  (registers the Auto classes)
-    from .supernet import Calibration, Supernet  # noqa: E402
+    from .supernet import Calibration, OrtInt8, Supernet  # noqa: E402
 except ImportError as e:  # an edge device with only numpy and a runtime: `python -m hwnas.runner` still works
     if e.name not in ("torch", "transformers"):
         raise
@@ -26,6 +26,7 @@ __all__ = [
     "HwnasError",
     "HwnasLlamaConfig",
     "HwnasLlamaForCausalLM",
+    "OrtInt8",
     "SearchSpace",
     "SubnetConfig",
     "Supernet",

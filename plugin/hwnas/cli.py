@@ -191,13 +191,13 @@ def benchmark(
 
 def quantize(*, model: str = DEFAULT_MODEL, method: str, out: Path, samples: int = 8, max_kl: float | None = None,
              accept_loss: bool = False, overwrite: bool = False, group_size: int | None = None,
-             group_size_fallback: str = "error") -> dict[str, Any]:
+             group_size_fallback: str = "error", keep_fp32: str | None = None) -> dict[str, Any]:
     """Quantize a checkpoint (or an ONNX folder) for its runtime and check the loss against the fp32 model."""
     from .quantize import DEFAULT_MAX_KL, quantize_model
 
     return quantize_model(model, method, out, samples=samples, max_kl=DEFAULT_MAX_KL if max_kl is None else max_kl,
                           accept_loss=accept_loss, overwrite=overwrite, group_size=group_size,
-                          group_size_fallback=group_size_fallback)
+                          group_size_fallback=group_size_fallback, keep_fp32=keep_fp32)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -326,6 +326,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--group-size", type=int, default=None, help="group size of nncf-int4 and ov-int4 (default 64)")
     c.add_argument("--group-size-fallback", default="error", choices=["error", "adjust", "ignore"],
                    help="int4 layers whose width the group size does not divide: error, adjust or ignore (NNCF)")
+    c.add_argument("--keep-fp32", default=None, choices=["down_proj"],
+                   help="ort-int8: keep every layer's down_proj in fp32 (most of int8's loss; a searched sub-network "
+                   "already says which layers in its hwnas_subnet.json)")
     return p
 
 

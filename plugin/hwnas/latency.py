@@ -6,6 +6,8 @@ A table holds one entry per block shape and phase, keyed by a readable string:
     mlp.i1024/prefill.s128    MLP block (norm, gate/up/down) of width 1024 on a 128-token prompt
     embed/decode.c128         token embedding
     head/prefill.s128         final norm and LM head (logits for every prompt position)
+    mlp.i1024.dfp32/decode.c128   MLP block whose down_proj stays fp32 (int8 tables offering
+                              `"mixed_precision": ["down_proj"]` in their header)
 
 Decoder layers of one model differ only by shape, so each shape is measured once and serves every
 layer. A few whole sub-networks are also measured end to end ("calibration"); `predictor.py` fits
@@ -58,6 +60,7 @@ class Block:
     heads: int = 0
     kv_heads: int = 0
     width: int = 0
+    fp32_down: bool = False  # an MLP block whose down_proj the int8 quantizer leaves fp32
 
     @property
     def copies(self) -> int:
@@ -67,7 +70,8 @@ class Block:
 
     @property
     def shape_key(self) -> str:
-        return {"attn": f"attn.q{self.heads}.kv{self.kv_heads}", "mlp": f"mlp.i{self.width}"}.get(self.kind, self.kind)
+        mlp = f"mlp.i{self.width}" + (".dfp32" if self.fp32_down else "")
+        return {"attn": f"attn.q{self.heads}.kv{self.kv_heads}", "mlp": mlp}.get(self.kind, self.kind)
 
     @property
     def key(self) -> str:
@@ -82,23 +86,25 @@ def model_signature(config: dict[str, Any]) -> dict[str, int]:
     return {k: int(d[k]) for k in SIGNATURE_KEYS}
 
 
-def blocks_for(space: SearchSpace, phases: dict[str, list[int]]) -> list[Block]:
-    """Every block a sub-network of `space` can use, in every phase."""
+def blocks_for(space: SearchSpace, phases: dict[str, list[int]], mixed_precision: Iterable[str] = ()) -> list[Block]:
+    """Every block a sub-network of `space` can use, in every phase; with `mixed_precision` ["down_proj"],
+    also every MLP width with its down_proj kept fp32."""
     heads = sorted({(kv * q, kv) for kv in space.kv_head_choices for q in space.q_per_kv_choices})
+    downs = (False, True) if "down_proj" in mixed_precision else (False,)
     out = []
     for phase, lengths in phases.items():
         for t in lengths:
             out += [Block("embed", phase, t), Block("head", phase, t)]
             out += [Block("attn", phase, t, heads=h, kv_heads=kv) for h, kv in heads]
-            out += [Block("mlp", phase, t, width=w) for w in space.mlp_choices]
+            out += [Block("mlp", phase, t, width=w, fp32_down=d) for d in downs for w in space.mlp_choices]
     return out
 
 
 def blocks_of(cfg: SubnetConfig, phase: str, tokens: int) -> list[Block]:
     """The blocks sub-network `cfg` runs, one per use (a shape used by 10 layers appears 10 times)."""
     out = [Block("embed", phase, tokens), Block("head", phase, tokens)]
-    for h, kv, w in zip(cfg.heads, cfg.kv_heads, cfg.mlp):
-        out += [Block("attn", phase, tokens, heads=h, kv_heads=kv), Block("mlp", phase, tokens, width=w)]
+    for h, kv, w, d in zip(cfg.heads, cfg.kv_heads, cfg.mlp, cfg.fp32_down_mask):
+        out += [Block("attn", phase, tokens, heads=h, kv_heads=kv), Block("mlp", phase, tokens, width=w, fp32_down=d)]
     return out
 
 
@@ -137,6 +143,12 @@ def versions(runtime: str) -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return out
+
+
+def mixed_precision(runtime: str, precision: str) -> list[str]:
+    """The per-block precision choices a table of `runtime`/`precision` offers: onnxruntime's dynamic int8
+    can leave each layer's down_proj fp32 (most of its quality loss, STACK.md)."""
+    return ["down_proj"] if (runtime, precision) == ("onnxruntime", "int8") else []
 
 
 def table_name(model: str, device_id: str, runtime: str, precision: str) -> str:
@@ -429,6 +441,8 @@ def profile(*, model: str = "smollm2-135m", runtime: str = "onnxruntime", precis
               "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)), "runtime": runtime, "precision": precision,
               "phases": phases, "batch": 1, "warmup": warmup, "repeats": repeats, "trim_percentiles": [5, 95],
               "search_space": space.to_dict(), "versions": versions(runtime)}
+    if mixed := mixed_precision(runtime, precision):
+        header["mixed_precision"] = mixed
     if runtime == "torch":
         if export_blocks is not None:
             raise HwnasError("--export-blocks writes graphs for onnxruntime or openvino; torch blocks are measured in-process")
@@ -555,7 +569,7 @@ def _write_manifest(work: Path, model: str, model_dir: Path, space: SearchSpace,
     builds: list[tuple[str, Any]] = []
     block_items = []
     per_round = max(3, header["repeats"] // ROUNDS)
-    for b in blocks_for(space, header["phases"]):
+    for b in blocks_for(space, header["phases"], header.get("mixed_precision", ())):
         block_items.append({"key": b.key, "kind": "block", "file": _block_file(b, runtime), "copies": b.copies,
                             "repeats": per_round, "inputs": block_inputs(b, config)})
         builds.append((block_items[-1]["file"], b))
@@ -624,7 +638,7 @@ def _build_block(block: Block, config: Any, path: Path, runtime: str, precision:
         elif runtime == "onnxruntime":
             tmp = path.with_name(f".{path.name}.tmp.onnx")
             with torch_quiet():
-                quantize_onnx(raw, tmp, precision=precision, isa=isa)
+                quantize_onnx(raw, tmp, precision=precision, isa=isa, fp32_down="all" if block.fp32_down else ())
             os.replace(tmp, path)
         else:
             import openvino as ov

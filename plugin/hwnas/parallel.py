@@ -52,7 +52,7 @@ class RayQuality:
         shared = ray.put({"weights": weights, "config": supernet.model.config.to_dict(),
                           "mlp_step": supernet.search_space.mlp_choices[0],
                           "ids": quality.ids.numpy(), "teacher": [t.numpy() for t in quality.teacher],
-                          "batch_size": quality.batch_size})
+                          "batch_size": quality.batch_size, "quant": quality.quant})
         threads = max(1, (os.cpu_count() or 1) // workers)
         worker = ray.remote(num_cpus=1)(_Worker)
         self.ray, self.actors = ray, [worker.remote(shared, threads) for _ in range(workers)]
@@ -87,6 +87,7 @@ class _Worker:
         self.sn = Supernet(model, None, mlp_step=shared["mlp_step"])
         q = KLQuality.__new__(KLQuality)  # the full model's log-probabilities come precomputed
         q.sn, q.ids, q.batch_size = self.sn, torch.from_numpy(shared["ids"]), shared["batch_size"]
+        q.quant = shared["quant"]  # the int8 emulation, when the search weighs it
         q.teacher = [torch.from_numpy(t) for t in shared["teacher"]]
         self.q = q
 

@@ -269,6 +269,7 @@ def _fmt(x: float | None, spec: str = ".2f") -> str:
 def _markdown(out: Path, r: dict[str, Any], table: Path) -> str:
     a, h, c = r["args"], r["headline"], r["chosen"]
     cfg = c["config"]
+    fp32 = [i for i, d in zip(cfg["layers"], cfg.get("fp32_down", [])) if d]
     q = r["quality"]
     lines = [
         f"# hwnas run: {a['model']} on {r['device'].get('name', r['device']['id'])} ({a['runtime']} {a['precision']})",
@@ -282,6 +283,7 @@ def _markdown(out: Path, r: dict[str, Any], table: Path) -> str:
         f"- {len(cfg['layers'])} of {cfg['num_layers']} layers (kept: {cfg['layers']})",
         f"- MLP widths: {cfg['mlp']}",
         f"- query heads: {cfg['heads']}; KV heads: {cfg['kv_heads']}",
+        *([f"- down_proj kept fp32 (the rest int8) in layers {fp32}"] if fp32 else []),
         f"- parameters: {r['parameters']['subnet']:,} of {r['parameters']['full']:,} "
         f"({r['parameters']['subnet'] / r['parameters']['full']:.1%})",
         f"- calibration KL to the full model: {c['kl']:.3f}; predicted latency ratio: {c['latency_ratio']:.3f}",

@@ -93,6 +93,11 @@ class LatencyTable:
     def device_id(self) -> str:
         return self.header["device"]["id"]
 
+    @property
+    def mixed_precision(self) -> list[str]:
+        """Per-block precision choices the table holds entries for (["down_proj"]: `mlp.i<W>.dfp32` blocks)."""
+        return list(self.header.get("mixed_precision", []))
+
     def default_tokens(self, phase: str) -> int:
         if phase not in PHASES:
             raise HwnasError(f"phase {phase!r} is not known; expected one of {list(PHASES)}")
@@ -194,13 +199,13 @@ class LatencyPredictor:
                           float(np.max(np.abs(pred - y) / y) * 100), name, loo * 100)
 
 
-def linear_shapes(cfg: SubnetConfig, sig: dict[str, int]) -> list[tuple[int, int]]:
-    """(out, in) of every linear layer of the decoder layers of `cfg`."""
+def linear_shapes(cfg: SubnetConfig, sig: dict[str, int]) -> list[tuple[int, int, bool]]:
+    """(out, in, kept fp32) of every linear layer of the decoder layers of `cfg` (a down_proj marked in `fp32_down`)."""
     hd, hidden = sig["head_dim"], sig["hidden_size"]
     out = []
-    for h, kv, w in zip(cfg.heads, cfg.kv_heads, cfg.mlp):
-        out += [(h * hd, hidden), (kv * hd, hidden), (kv * hd, hidden), (hidden, h * hd)]
-        out += [(w, hidden), (w, hidden), (hidden, w)]
+    for h, kv, w, fp32 in zip(cfg.heads, cfg.kv_heads, cfg.mlp, cfg.fp32_down_mask):
+        out += [(h * hd, hidden, False), (kv * hd, hidden, False), (kv * hd, hidden, False), (hidden, h * hd, False)]
+        out += [(w, hidden, False), (w, hidden, False), (hidden, w, fp32)]
     return out
 
 
@@ -221,9 +226,12 @@ def size_bytes(cfg: SubnetConfig, sig: dict[str, int], *, runtime: str, precisio
     """Weight bytes of a deployed sub-network, following what each runtime's quantizer touches.
 
     onnxruntime's dynamic quantization (MatMul only) keeps the embedding in fp32 and, when tied and not untied, the LM
-    head with it; NNCF compresses the embedding too, and keeps the LM head in int8 in int4 mode.
+    head with it, and the down_proj of layers marked in `cfg.fp32_down`; NNCF compresses the embedding too, and keeps
+    the LM head in int8 in int4 mode.
     """
-    total = sum(_matrix_bytes(r, c, runtime, precision) for r, c in linear_shapes(cfg, sig))
+    mixed = (runtime, precision) == ("onnxruntime", "int8")  # where `hwnas quantize` honours fp32_down
+    total = sum(_matrix_bytes(r, c, runtime, "fp32" if fp32 and mixed else precision)
+                for r, c, fp32 in linear_shapes(cfg, sig))
     vocab, hidden = sig["vocab_size"], sig["hidden_size"]
     total += 4 * hidden * (2 * cfg.depth + 1)  # RMSNorm weights stay fp32
     quantized = precision in ("int8", "int4")

@@ -15,7 +15,7 @@ import shutil
 import time
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 from .common import HwnasError, atomic_dir, atomic_write_json, read_json
 
@@ -70,9 +70,33 @@ def untie_lm_head(model: Any) -> list[str]:
     return changed
 
 
-def quantize_onnx(src: str | Path, dst: str | Path, *, precision: str, isa: str) -> dict[str, Any]:
-    """Quantize the ONNX graph `src` into `dst` for onnxruntime; returns the settings used."""
+def down_proj_nodes(graph: Any, layers: Collection[int] | str) -> list[str]:
+    """The down_proj MatMul nodes of `graph` (an onnx ModelProto): all of them (`layers="all"`), or those of
+    the given decoder layers, named `/model/layers.{i}/mlp/down_proj/MatMul` in an Optimum export."""
+    found = [n.name for n in graph.graph.node if n.op_type == "MatMul" and "/down_proj/" in n.name]
+    if layers == "all":
+        if not found:
+            raise HwnasError("the graph has no down_proj MatMul to keep in fp32")
+        return sorted(found)
+    index = {name: int(m.group(1)) for name in found if (m := re.search(r"\.(\d+)/(?:mlp/)?down_proj/", name))}
+    names = [name for name, i in index.items() if i in layers]
+    missing = sorted(set(layers) - {index[n] for n in names})
+    if missing:
+        raise HwnasError(f"the graph has no down_proj MatMul for layers {missing} (expected nodes named "
+                         f"/model/layers.{{i}}/mlp/down_proj/MatMul); cannot keep them fp32")
+    return sorted(names)
+
+
+def quantize_onnx(src: str | Path, dst: str | Path, *, precision: str, isa: str,
+                  fp32_down: Collection[int] | str = ()) -> dict[str, Any]:
+    """Quantize the ONNX graph `src` into `dst` for onnxruntime; returns the settings used.
+
+    int8 only: `fp32_down` keeps the down_proj MatMuls of those decoder layers (or of all, "all") in fp32;
+    the settings then list them as `nodes_to_exclude`.
+    """
     src, dst = Path(src), Path(dst)
+    if fp32_down and precision != "int8":
+        raise HwnasError(f"keeping down_proj fp32 is an option of onnxruntime int8, not {precision}")
     if precision == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -82,6 +106,9 @@ def quantize_onnx(src: str | Path, dst: str | Path, *, precision: str, isa: str)
         kwargs = {k: v for k, v in settings.items() if k != "untie_lm_head"}
         kwargs["weight_type"] = QuantType[kwargs["weight_type"]]
         graph = onnx.load(str(src))
+        excluded = down_proj_nodes(graph, fp32_down) if fp32_down else []
+        if excluded:
+            kwargs["nodes_to_exclude"] = settings["nodes_to_exclude"] = excluded
         before = {i.name for i in graph.graph.initializer}
         untied = untie_lm_head(graph) if settings["untie_lm_head"] else []
         big = _large(src, extra=sum(i.ByteSize() for i in graph.graph.initializer if i.name not in before))
@@ -171,17 +198,21 @@ _LIBRARIES = {"ort": ("onnxruntime", "onnx", "optimum-onnx"), "nncf": ("nncf", "
 
 def quantize_model(model: str | Path, method: str, out: str | Path, *, samples: int = 8, max_kl: float = DEFAULT_MAX_KL,
                    accept_loss: bool = False, overwrite: bool = False, group_size: int | None = None,
-                   group_size_fallback: str = "error", progress: bool = True) -> dict[str, Any]:
+                   group_size_fallback: str = "error", keep_fp32: str | None = None,
+                   progress: bool = True) -> dict[str, Any]:
     """Quantize `model` (a checkpoint folder, `smollm2-135m`, or an Optimum ONNX folder) with `method` into `out`.
 
     The artifact loads in its runtime (`load_quantized`). Its quality is measured against the fp32
     source on `samples` held-out calibration sequences; above `max_kl` the report says `passed: false`
     and, unless `accept_loss`, an HwnasError follows once the artifact is written. Returns the
     report, also saved as `out/quantize.json`.
+
+    ort-int8 keeps in fp32 the down_proj of the layers a sub-network's `hwnas_subnet.json` marks in
+    `fp32_down`, or of every layer with `keep_fp32="down_proj"`.
     """
     from tqdm.auto import tqdm
 
-    _check_args(method, samples, max_kl, group_size, group_size_fallback)
+    _check_args(method, samples, max_kl, group_size, group_size_fallback, keep_fp32)
     src, kind = _source(model, method)
     if src == Path(out).resolve() or src in Path(out).resolve().parents:
         raise HwnasError(f"output {out} would replace the source {src}; choose another folder")
@@ -194,7 +225,7 @@ def quantize_model(model: str | Path, method: str, out: str | Path, *, samples: 
         steps.set_postfix_str("quantize")
         started = time.perf_counter()
         settings = _QUANTIZERS[family](src, kind, tmp, method=method, model=ref, tokenizer=tokenizer,
-                                       group_size=group_size, fallback=group_size_fallback)
+                                       group_size=group_size, fallback=group_size_fallback, keep_fp32=keep_fp32)
         seconds = time.perf_counter() - started
         steps.update()
         steps.set_postfix_str("quality")
@@ -217,7 +248,8 @@ def quantize_model(model: str | Path, method: str, out: str | Path, *, samples: 
     return report
 
 
-def _check_args(method: str, samples: int, max_kl: float, group_size: int | None, fallback: str) -> None:
+def _check_args(method: str, samples: int, max_kl: float, group_size: int | None, fallback: str,
+                keep_fp32: str | None) -> None:
     if method not in METHODS:
         raise HwnasError(f"unknown quantization method {method!r}; expected one of {list(METHODS)}")
     if samples < 1:
@@ -230,6 +262,8 @@ def _check_args(method: str, samples: int, max_kl: float, group_size: int | None
         raise HwnasError(f"group size options apply to {' and '.join(GROUPED)} only, not {method}")
     if group_size is not None and group_size < 1:
         raise HwnasError(f"group size must be a positive integer, got {group_size}")
+    if keep_fp32 is not None and (method, keep_fp32) != ("ort-int8", "down_proj"):
+        raise HwnasError(f"--keep-fp32 takes down_proj, with --method ort-int8 only; got {keep_fp32!r} with {method}")
 
 
 def _source(model: str | Path, method: str) -> tuple[Path, str]:
@@ -289,13 +323,23 @@ def _reference(src: Path, kind: str) -> tuple[Any, Any]:
 
 
 # -- the quantizers: (src, kind, dst, ...) -> the exact settings used; each leaves a loadable folder in dst
-def _ort(src: Path, kind: str, dst: Path, *, model: Any, **_: Any) -> dict[str, Any]:
+def _ort(src: Path, kind: str, dst: Path, *, model: Any, keep_fp32: str | None, **_: Any) -> dict[str, Any]:
     onnx_dir = _as_onnx(src, kind, dst, model)
-    settings = quantize_onnx(onnx_dir / "model.onnx", dst / "model.onnx", precision="int8", isa=_cpu()["isa"])
+    settings = quantize_onnx(onnx_dir / "model.onnx", dst / "model.onnx", precision="int8", isa=_cpu()["isa"],
+                             fp32_down="all" if keep_fp32 == "down_proj" else _subnet_fp32_down(src))
     _copy_side_files(onnx_dir, dst)
     if onnx_dir != src:
         shutil.rmtree(onnx_dir)
     return settings
+
+
+def _subnet_fp32_down(src: Path) -> list[int]:
+    """Positions (in the checkpoint's renumbered layers) whose down_proj a sub-network keeps fp32."""
+    if not (src / "hwnas_subnet.json").is_file():
+        return []
+    from .space import SubnetConfig
+
+    return [i for i, fp32 in enumerate(SubnetConfig.from_json(src / "hwnas_subnet.json").fp32_down_mask) if fp32]
 
 
 def _nncf(src: Path, kind: str, dst: Path, *, method: str, model: Any, group_size: int | None, fallback: str,

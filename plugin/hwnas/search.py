@@ -29,13 +29,19 @@ ALGORITHMS = ("nsga2", "linas", "random")
 
 @dataclasses.dataclass(frozen=True)
 class GeneEncoder:
-    """Sub-network <-> integer genes: per layer a keep bit, an MLP-width index and a head-option index.
+    """Sub-network <-> integer genes: per layer a keep bit, an MLP-width index and a head-option index,
+    and with `mixed_precision` a fourth gene, 1 keeping the layer's down_proj fp32 (`SubnetConfig.fp32_down`).
 
     Genes of dropped layers are ignored when decoding. A gene vector keeping fewer layers than the
     space's minimum is repaired by keeping the lowest-index dropped layers.
     """
 
     space: SearchSpace
+    mixed_precision: bool = False
+
+    @property
+    def genes_per_layer(self) -> int:
+        return 4 if self.mixed_precision else 3
 
     @property
     def head_options(self) -> tuple[tuple[int, int], ...]:
@@ -45,25 +51,29 @@ class GeneEncoder:
 
     @property
     def n_var(self) -> int:
-        return 3 * self.space.num_layers
+        return self.genes_per_layer * self.space.num_layers
 
     @property
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         L = self.space.num_layers
         upper = [1] * L + [len(self.space.mlp_choices) - 1] * L + [len(self.head_options) - 1] * L
+        upper += [1] * L if self.mixed_precision else []
         return np.zeros(self.n_var, dtype=int), np.array(upper, dtype=int)
 
     def encode(self, cfg: SubnetConfig) -> np.ndarray:
         self.space.validate(cfg)
+        if cfg.fp32_down and not self.mixed_precision:
+            raise HwnasError("the sub-network keeps some down_proj fp32, but this search has no mixed precision "
+                             "(its latency table offers none)")
         L, opts = self.space.num_layers, self.head_options
-        keep = np.zeros(L, dtype=int)
+        keep, down = np.zeros(L, dtype=int), np.zeros(L, dtype=int)
         mlp = np.full(L, len(self.space.mlp_choices) - 1)
         head = np.full(L, len(opts) - 1)
-        for layer, w, h, kv in zip(cfg.layers, cfg.mlp, cfg.heads, cfg.kv_heads):
-            keep[layer] = 1
+        for layer, w, h, kv, fp32 in zip(cfg.layers, cfg.mlp, cfg.heads, cfg.kv_heads, cfg.fp32_down_mask):
+            keep[layer], down[layer] = 1, fp32
             mlp[layer] = self.space.mlp_choices.index(w)
             head[layer] = opts.index((h, kv))
-        return np.concatenate([keep, mlp, head])
+        return np.concatenate([keep, mlp, head] + ([down] if self.mixed_precision else []))
 
     def decode(self, x: Sequence[float]) -> SubnetConfig:
         L, opts = self.space.num_layers, self.head_options
@@ -80,16 +90,20 @@ class GeneEncoder:
                 keep = sorted(keep + [i])
         mlp = tuple(self.space.mlp_choices[x[L + i]] for i in keep)
         heads = tuple(opts[x[2 * L + i]] for i in keep)
-        return SubnetConfig(L, tuple(keep), mlp, tuple(h for h, _ in heads), tuple(kv for _, kv in heads))
+        down = tuple(int(x[3 * L + i]) for i in keep) if self.mixed_precision else ()
+        return SubnetConfig(L, tuple(keep), mlp, tuple(h for h, _ in heads), tuple(kv for _, kv in heads), down)
 
 
 class KLQuality:
-    """Mean KL(full || sub-network) of the next-token distributions on fixed calibration tokens."""
+    """Mean KL(full || sub-network) of the next-token distributions on fixed calibration tokens.
 
-    def __init__(self, supernet: Any, input_ids: Any, *, batch_size: int = 4) -> None:
+    The full model is the fp32 teacher; with `quant` (an `OrtInt8`) sub-networks run as deployed in int8.
+    """
+
+    def __init__(self, supernet: Any, input_ids: Any, *, batch_size: int = 4, quant: Any = None) -> None:
         import torch
 
-        self.sn, self.ids, self.batch_size = supernet, input_ids, batch_size
+        self.sn, self.ids, self.batch_size, self.quant = supernet, input_ids, batch_size, quant
         supernet.set_max()
         with torch.no_grad():
             self.teacher = [torch.log_softmax(supernet(b).logits.float(), -1) for b in self._batches()]
@@ -97,10 +111,18 @@ class KLQuality:
     def _batches(self):
         return self.ids.split(self.batch_size)
 
+    def emulating(self, quant: Any) -> "KLQuality":
+        """This objective (same tokens and fp32 teacher), with sub-networks run under `quant`."""
+        import copy
+
+        q = copy.copy(self)
+        q.quant = quant
+        return q
+
     def __call__(self, cfg: SubnetConfig) -> float:
         import torch
 
-        self.sn.set_active(cfg)
+        self.sn.set_active(cfg, quant=self.quant)
         total, n = 0.0, 0
         with torch.no_grad():
             for b, t in zip(self._batches(), self.teacher):
@@ -232,8 +254,9 @@ def structured_seeds(encoder: GeneEncoder, obj: Objectives, layer_order: Sequenc
         return []
     lo, hi = encoder.bounds
     L, seeds = encoder.space.num_layers, []
+    full = encoder.encode(encoder.space.max_config())  # every down_proj int8 where precision is a gene
     for k in range(L - encoder.space.min_layers + 1):
-        x = hi.copy()
+        x = full.copy()
         x[list(layer_order[:k])] = 0
         for w in range(hi[L], lo[L] - 1, -1):
             x[L:2 * L] = w
@@ -294,11 +317,12 @@ def _nsga2(pop_size: int, seed: int, problem: Any, initial: np.ndarray | None = 
 
 
 def config_features(encoder: GeneEncoder, cfg: SubnetConfig) -> np.ndarray:
-    """Per layer: kept, relative MLP width and relative head count (0 for dropped layers)."""
-    L, s = encoder.space.num_layers, encoder.space
-    f = np.zeros((3, L))
-    for layer, w, h in zip(cfg.layers, cfg.mlp, cfg.heads):
-        f[:, layer] = (1.0, w / s.mlp_choices[-1], h / encoder.head_options[-1][0])
+    """Per layer: kept, relative MLP width, relative head count and, with mixed precision, fp32 down_proj
+    (0 for dropped layers)."""
+    L, s, n = encoder.space.num_layers, encoder.space, encoder.genes_per_layer
+    f = np.zeros((n, L))
+    for layer, w, h, fp32 in zip(cfg.layers, cfg.mlp, cfg.heads, cfg.fp32_down_mask):
+        f[:, layer] = (1.0, w / s.mlp_choices[-1], h / encoder.head_options[-1][0], float(fp32))[:n]
     return f.ravel()
 
 
@@ -448,7 +472,12 @@ def run_search(*, model: str = "smollm2-135m", table: str, algorithm: str = "nsg
     predictor = LatencyPredictor.load(table)
     predictor.table.check_model(model_signature(config))
     sn, quality = quality_context(model, sequences, seq_len)
-    encoder = GeneEncoder(sn.search_space)
+    mixed = "down_proj" in predictor.table.mixed_precision
+    if mixed:  # an onnxruntime int8 table: weigh int8's loss, with down_proj precision a gene per layer
+        from .supernet import OrtInt8
+
+        quality = quality.emulating(OrtInt8.from_settings(predictor.table.header["quantization"]))
+    encoder = GeneEncoder(sn.search_space, mixed_precision=mixed)
     full = sn.search_space.max_config()
     lat = lambda c: predictor.latency_ms(c, phase)  # noqa: E731
     size = lambda c: float(predictor.bytes(c))  # noqa: E731

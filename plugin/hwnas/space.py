@@ -31,6 +31,10 @@ class SubnetConfig:
     `layers` lists the kept source layers (increasing). `mlp`, `heads` and `kv_heads` have one
     entry per kept layer: the MLP intermediate width, the number of query heads and the number
     of key/value heads (query heads are split evenly over the KV groups).
+
+    `fp32_down` is a deployment choice for onnxruntime's dynamic int8: one 0/1 per kept layer, 1
+    keeping that layer's `down_proj` in fp32. Empty (the default, and what all zeros become) quantizes
+    every `down_proj`; it is left out of `to_dict` then. Weights and checkpoints do not depend on it.
     """
 
     num_layers: int
@@ -38,6 +42,7 @@ class SubnetConfig:
     mlp: tuple[int, ...]
     heads: tuple[int, ...]
     kv_heads: tuple[int, ...]
+    fp32_down: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) or self.num_layers < 1:
@@ -66,6 +71,22 @@ class SubnetConfig:
                     f"layer {layer}: {h} query heads do not divide into {kv} KV groups; "
                     f"expected a multiple of {kv}"
                 )
+        self._check_fp32_down()
+
+    def _check_fp32_down(self) -> None:
+        down = _int_tuple("fp32_down", self.fp32_down)
+        if down and len(down) != len(self.layers):
+            raise HwnasError(f"SubnetConfig.fp32_down has {len(down)} entries, expected none or one per kept layer "
+                             f"({len(self.layers)})")
+        bad = [(layer, v) for layer, v in zip(self.layers, down) if v not in (0, 1)]
+        if bad:
+            raise HwnasError(f"layer {bad[0][0]}: fp32_down must be 0 (int8 down_proj) or 1 (fp32), got {bad[0][1]}")
+        object.__setattr__(self, "fp32_down", down if any(down) else ())
+
+    @property
+    def fp32_down_mask(self) -> tuple[bool, ...]:
+        """Per kept layer: whether its `down_proj` stays fp32 under int8 deployment."""
+        return tuple(bool(v) for v in self.fp32_down) or (False,) * self.depth
 
     @property
     def depth(self) -> int:
@@ -77,20 +98,26 @@ class SubnetConfig:
         return all(len(set(getattr(self, name))) == 1 for name in _PER_LAYER)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)}
+        d = {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+             for f in dataclasses.fields(self)}
+        if not self.fp32_down:
+            del d["fp32_down"]
+        return d
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SubnetConfig":
         if not isinstance(data, Mapping):
             raise HwnasError(f"a sub-network config must be a JSON object, got {type(data).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        missing = [n for n in names if n not in data]
+        fields = dataclasses.fields(cls)
+        names = [f.name for f in fields]
+        missing = [f.name for f in fields if f.name not in data and f.default is dataclasses.MISSING]
         unknown = sorted(set(data) - set(names))
         if missing or unknown:
             raise HwnasError(
-                f"sub-network config has missing keys {missing} and unknown keys {unknown}; expected exactly {names}"
+                f"sub-network config has missing keys {missing} and unknown keys {unknown}; expected {names} "
+                "(fp32_down optional)"
             )
-        return cls(**{n: data[n] for n in names})
+        return cls(**{n: data[n] for n in names if n in data})
 
     def to_json(self, path: str | Path) -> Path:
         return atomic_write_json(path, self.to_dict())

@@ -28,8 +28,49 @@ logger = logging.getLogger(__name__)
 Selection = slice | torch.Tensor | None
 
 
+@dataclass(frozen=True)
+class OrtInt8:
+    """onnxruntime's dynamic int8 MatMul (`quantize.quantize_onnx`), emulated in torch for the search's quality.
+
+    Weights: per output channel, symmetric int8, the levels -64..64 with `reduce_range` (what
+    `ort_int8_settings` chooses on CPUs without VNNI), else -127..127. Activations: per tensor,
+    asymmetric uint8, the range taken from the current input and always including 0
+    (DynamicQuantizeLinear); one range per sequence, as the deployed model runs batch 1. Both round
+    half to even, as onnxruntime does.
+    """
+
+    reduce_range: bool = True
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> "OrtInt8":
+        """The emulation of `quantize.ort_int8_settings(isa)` (or a latency table's `quantization` header)."""
+        return cls(reduce_range=bool(settings["reduce_range"]))
+
+    def weight(self, w: torch.Tensor) -> torch.Tensor:
+        qmax = 64 if self.reduce_range else 127
+        scale = _nonzero(w.abs().amax(dim=1, keepdim=True) / qmax)
+        return torch.round(w / scale).clamp(-qmax, qmax) * scale
+
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(1, x.dim())) or (0,)
+        lo, hi = x.amin(dim=dims, keepdim=True).clamp(max=0), x.amax(dim=dims, keepdim=True).clamp(min=0)
+        scale = _nonzero((hi - lo) / 255)
+        zero = torch.round(-lo / scale).clamp(0, 255)
+        return ((torch.round(x / scale) + zero).clamp(0, 255) - zero) * scale
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(self.activation(x), self.weight(w), b)
+
+
+def _nonzero(scale: torch.Tensor) -> torch.Tensor:
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
 class ElasticLinear(nn.Linear):
-    """An `nn.Linear` that shares another's parameters and uses a slice of them (a view when it can)."""
+    """An `nn.Linear` that shares another's parameters and uses a slice of them (a view when it can).
+
+    With `quant` set, it computes as that quantized deployment would (`OrtInt8`).
+    """
 
     def __init__(self, base: nn.Linear) -> None:
         nn.Module.__init__(self)
@@ -37,6 +78,7 @@ class ElasticLinear(nn.Linear):
         self.weight, self.bias = base.weight, base.bias
         self.out_sel: Selection = None
         self.in_sel: Selection = None
+        self.quant: OrtInt8 | None = None
 
     def active_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         w, b = self.weight, self.bias
@@ -48,6 +90,8 @@ class ElasticLinear(nn.Linear):
         return w, b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None:
+            return self.quant.linear(x, *self.active_weight())
         return F.linear(x, *self.active_weight())
 
 
@@ -115,8 +159,10 @@ class Supernet(nn.Module):
                                   (layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj"))):
                 for n in names:
                     setattr(parent, n, ElasticLinear(getattr(parent, n)))
+        model.lm_head = ElasticLinear(model.lm_head)  # the same (possibly tied) weight; quantized under `quant`
         self.layer_importance: list[float] | None = None  # Block Influence per layer, once calibrated
         self._active: SubnetConfig | None = None
+        self._quant: OrtInt8 | None = None
         self.set_max()
 
     # -- construction -------------------------------------------------------------------------
@@ -161,17 +207,30 @@ class Supernet(nn.Module):
     def set_max(self) -> None:
         self.set_active(self.search_space.max_config())
 
-    def set_active(self, cfg: SubnetConfig) -> None:
-        """Make the forward pass run sub-network `cfg` (validated against the search space)."""
+    @property
+    def active_quant(self) -> OrtInt8 | None:
+        return self._quant
+
+    def set_active(self, cfg: SubnetConfig, *, quant: OrtInt8 | None = None) -> None:
+        """Make the forward pass run sub-network `cfg` (validated against the search space).
+
+        With `quant`, every projection and the LM head compute as that int8 deployment would, except
+        the down_proj of layers `cfg.fp32_down` keeps in fp32; the embedding stays fp32.
+        """
         self.search_space.validate(cfg)
         c = self.base_config
         d, full_kv = self.head_dim, c.num_key_value_heads
         group = c.num_attention_heads // full_kv
         device = self.model.lm_head.weight.device
         kept = []
-        for pos, (idx, mlp, heads, kv) in enumerate(zip(cfg.layers, cfg.mlp, cfg.heads, cfg.kv_heads)):
+        shapes = zip(cfg.layers, cfg.mlp, cfg.heads, cfg.kv_heads, cfg.fp32_down_mask)
+        for pos, (idx, mlp, heads, kv, fp32_down) in enumerate(shapes):
             layer = self.all_layers[idx]
             m, a = layer.mlp, layer.self_attn
+            for lin in (m.gate_proj, m.up_proj, m.down_proj, a.q_proj, a.k_proj, a.v_proj, a.o_proj):
+                lin.quant = quant
+            if fp32_down:
+                m.down_proj.quant = None
             width = None if mlp == c.intermediate_size else slice(0, mlp)
             m.gate_proj.out_sel = m.up_proj.out_sel = m.down_proj.in_sel = width
             q = heads // kv
@@ -187,7 +246,8 @@ class Supernet(nn.Module):
             kept.append(layer)
         self.model.model.layers = nn.ModuleList(kept)
         self.model.config.num_hidden_layers = len(kept)
-        self._active = cfg
+        self.model.lm_head.quant = quant
+        self._active, self._quant = cfg, quant
 
     def forward(self, input_ids: torch.Tensor, **kwargs: Any):
         return self.model(input_ids=input_ids, **kwargs)
@@ -214,7 +274,7 @@ class Supernet(nn.Module):
         from transformers.modeling_utils import no_init_weights
 
         cfg = self.search_space.validate(cfg or self.active_config)
-        previous = self.active_config
+        previous, quant = self.active_config, self.active_quant
         self.set_active(cfg)
         try:
             config = subnet_model_config(self.base_config, cfg, source=self.name)
@@ -245,7 +305,7 @@ class Supernet(nn.Module):
             model.generation_config = copy.deepcopy(self.model.generation_config)
             return model.eval()
         finally:
-            self.set_active(previous)
+            self.set_active(previous, quant=quant)
 
     # -- importance ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -341,7 +401,7 @@ class Supernet(nn.Module):
             _permute(a.k_proj, rows=kv_rows)
             _permute(a.v_proj, rows=kv_rows)
         self.layer_importance = list(order.get("block_influence") or []) or None
-        self.set_active(self.active_config)
+        self.set_active(self.active_config, quant=self.active_quant)
 
 
 def _permute(lin: nn.Linear, *, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
