@@ -128,7 +128,7 @@ def run(*, model: str = DEFAULT_MODEL, runtime: str = "onnxruntime", precision: 
     device_id = runner.device_id(cpu, threads or cpu["cores"])
     label = model_label(model, model_dir)
     args = {"model": model, "runtime": runtime, "precision": precision, "latency_ratio": latency_ratio, "budget": budget,
-            "phase": phase, "seed": seed, "threads": threads}
+            "phase": phase, "seed": seed, "threads": threads, "table": None if table is None else str(Path(table).resolve())}
     saved = out / "run_args.json"
     if saved.exists() and read_json(saved, "run arguments") != args:
         diff = {k: (v, args[k]) for k, v in read_json(saved, "run arguments").items() if args.get(k) != v}
