@@ -105,16 +105,18 @@ def quantize_onnx(src: str | Path, dst: str | Path, *, precision: str, isa: str,
         settings = ort_int8_settings(isa)
         kwargs = {k: v for k, v in settings.items() if k != "untie_lm_head"}
         kwargs["weight_type"] = QuantType[kwargs["weight_type"]]
-        graph = onnx.load(str(src))
+        graph = onnx.load(str(src), load_external_data=False)  # the structure; weights only if a head is untied
         excluded = down_proj_nodes(graph, fp32_down) if fp32_down else []
         if excluded:
             kwargs["nodes_to_exclude"] = settings["nodes_to_exclude"] = excluded
-        before = {i.name for i in graph.graph.initializer}
-        untied = untie_lm_head(graph) if settings["untie_lm_head"] else []
-        big = _large(src, extra=sum(i.ByteSize() for i in graph.graph.initializer if i.name not in before))
+        untied, big = [], _large(src)
         with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".untied-") as work:
-            if untied:  # a file, not the proto: a 7B graph exceeds protobuf's 2 GB
-                src = Path(work) / "model.onnx"
+            if settings["untie_lm_head"] and _tied_heads(graph):
+                graph = onnx.load(str(src))
+                before = {i.name for i in graph.graph.initializer}
+                untied = untie_lm_head(graph)
+                big = _large(src, extra=sum(i.ByteSize() for i in graph.graph.initializer if i.name not in before))
+                src = Path(work) / "model.onnx"  # a file, not the proto: a large graph exceeds protobuf's 2 GB
                 onnx.save(graph, str(src), save_as_external_data=big, location="model.onnx_data")
             del graph
             quantize_dynamic(src, dst, use_external_data_format=big, **kwargs)
