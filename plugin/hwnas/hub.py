@@ -5,6 +5,7 @@ import importlib.util
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from .common import HwnasError, atomic_dir, home
 
@@ -80,6 +81,19 @@ def require_kind(path: Path, *expected: str, command: str) -> str:
     return kind
 
 
+def runtime_model(path: Path, kind: str, **kwargs: Any):
+    """Optimum's model class for an `onnx` (ORTModelForCausalLM) or `openvino` (OVModelForCausalLM) folder."""
+    from . import modeling  # noqa: F401  (an OpenVINO folder keeps an hwnas_llama config)
+
+    if kind == "onnx":
+        from optimum.onnxruntime import ORTModelForCausalLM as cls
+    elif kind == "openvino":
+        from optimum.intel import OVModelForCausalLM as cls
+    else:
+        raise HwnasError(f"{path}: no runtime model class for {kind!r}; expected onnx or openvino")
+    return cls.from_pretrained(path, **kwargs)
+
+
 def load_artifact(name_or_path: str | Path):
     """(model, tokenizer, kind) for a checkpoint or a deployed folder, each run by its own runtime.
 
@@ -93,14 +107,8 @@ def load_artifact(name_or_path: str | Path):
         return model, tok, kind
     from transformers import AutoTokenizer
 
-    from . import modeling  # noqa: F401  (an OpenVINO folder keeps an hwnas_llama config)
-
-    if kind == "onnx":
-        from optimum.onnxruntime import ORTModelForCausalLM as cls
-    else:
-        from optimum.intel import OVModelForCausalLM as cls
     try:
-        model = cls.from_pretrained(path)
+        model = runtime_model(path, kind)
     except Exception as e:
         raise HwnasError(f"cannot load {path} as {kind}: {type(e).__name__}: {e}") from None
     try:

@@ -524,18 +524,15 @@ def load_quantized(path: str | Path, method: str | None = None) -> Any:
     (its CPU default may be bf16), so that what is measured is the weight quantization alone.
     """
     from . import modeling  # noqa: F401  (hwnas_llama configs and models)
+    from .hub import runtime_model
 
     path = Path(path)
     method = method or read_json(path / "quantize.json", "quantization report")["method"]
     family = method.split("-")[0]
     if family in ("ort", "nncf"):
-        from optimum.onnxruntime import ORTModelForCausalLM
-
-        return ORTModelForCausalLM.from_pretrained(path)
+        return runtime_model(path, "onnx")
     if family == "ov":
-        from optimum.intel import OVModelForCausalLM
-
-        return OVModelForCausalLM.from_pretrained(path, ov_config={"INFERENCE_PRECISION_HINT": "f32"})
+        return runtime_model(path, "openvino", ov_config={"INFERENCE_PRECISION_HINT": "f32"})
     if family == "bnb":
         from transformers import AutoModelForCausalLM
 
