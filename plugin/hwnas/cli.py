@@ -74,6 +74,21 @@ def perplexity(*, model: str = DEFAULT_MODEL, split: str = "validation", limit: 
     return {"model": model, "data": f"lambada/{split}", **ppl(m, tok, texts, batch_size=batch_size)}
 
 
+def evaluate(*, model: str = DEFAULT_MODEL, runtime: str | None = None, tasks: str, limit: int | None = None,
+             fewshot: int = 0, batch_size: int | None = None, out: Path) -> dict[str, Any]:
+    """Accuracy with lm-evaluation-harness (offline hwnas tasks) of a checkpoint, ONNX export or OpenVINO IR."""
+    from .common import atomic_write_json
+    from .lmeval import evaluate_path, markdown_table, resolve_tasks
+
+    if limit is not None and limit < 1:
+        raise HwnasError(f"--limit must be a positive integer (items per task), got {limit}")
+    names = list(resolve_tasks(tasks))
+    result = evaluate_path(model, names, runtime=runtime, limit=limit, fewshot=fewshot, batch_size=batch_size)
+    atomic_write_json(out, result)
+    print(markdown_table(result))
+    return {"out": str(out), **result}
+
+
 def profile(
     *,
     model: str = DEFAULT_MODEL,
@@ -150,6 +165,17 @@ def search(
                       population=population, latency_budget=latency_budget, latency_ratio=latency_ratio,
                       size_budget=size_budget, phase=phase, seed=seed, workers=workers, ray_address=ray_address,
                       resume=resume, out=str(out))
+
+
+def baseline(*, method: str, model: str = DEFAULT_MODEL, table: Path, latency_ratio: float | None = None,
+             latency_budget: float | None = None, phase: str = "decode", evaluations: int = 60, population: int = 12,
+             seed: int = 0, out: Path, overwrite: bool = False) -> dict[str, Any]:
+    """A pruning baseline's sub-network (layer-drop, width-uniform or random) under the same latency target."""
+    from .baselines import run_baseline
+
+    r = run_baseline(method=method, model=model, table=table, latency_ratio=latency_ratio, latency_budget=latency_budget,
+                     phase=phase, evaluations=evaluations, population=population, seed=seed, out=out, overwrite=overwrite)
+    return {k: r[k] for k in ("method", "layers", "kl", "latency_ms", "latency_ratio", "size_bytes", "checkpoint")}
 
 
 def run(*, model: str = DEFAULT_MODEL, runtime: str = "onnxruntime", precision: str = "int8", latency_ratio: float = 0.75,
@@ -241,6 +267,18 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--split", default="validation", choices=["calibration", "validation", "test"])
     c.add_argument("--limit", type=int, default=None, help="score only the first N passages")
     c.add_argument("--batch-size", type=int, default=8)
+    c = cmd("evaluate", evaluate, "accuracy with lm-evaluation-harness on offline tasks (torch, ONNX or OpenVINO)")
+    model_arg(c)
+    c.add_argument("--runtime", default=None, choices=["torch", "onnxruntime", "openvino"],
+                   help="default: read from the model folder; if given, it must match the folder")
+    c.add_argument("--tasks", required=True, help="comma-separated: arc_easy, arc_challenge, piqa, hellaswag, "
+                   "winogrande, boolq, lambada, mmlu (or their lm-eval names hwnas_*)")
+    c.add_argument("--limit", type=int, default=None, help="score only the first N items of each task "
+                   "(of each of the 57 subjects for mmlu)")
+    c.add_argument("--fewshot", type=int, default=0, help="few-shot examples per item (default 0)")
+    c.add_argument("--batch-size", type=int, default=None, help="default: 8 for torch, 1 (as deployed) for ONNX "
+                   "Runtime and OpenVINO, whose dynamic int8 scores depend on the batch")
+    c.add_argument("--out", type=Path, required=True, help="result JSON")
     c = cmd("profile", profile, "measure a latency lookup table on this device")
     model_arg(c)
     c.add_argument("--runtime", default="onnxruntime", choices=["torch", "onnxruntime", "openvino"])
@@ -286,6 +324,19 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
     c.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
     c.add_argument("--out", type=Path, required=True)
+    c = cmd("baseline", baseline, "a pruning baseline under the same latency target as the search, as a checkpoint")
+    c.add_argument("--method", required=True, choices=["layer-drop", "width-uniform", "random"])
+    model_arg(c)
+    c.add_argument("--table", type=Path, required=True, help="latency table of the target device/runtime/precision")
+    budget = c.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--latency-ratio", type=float, default=None, help="budget as a fraction of the full model's")
+    budget.add_argument("--latency-budget", type=float, default=None, help="predicted latency budget in ms")
+    c.add_argument("--phase", default="decode", choices=["prefill", "decode"])
+    c.add_argument("--evaluations", type=int, default=60, help="random: real quality evaluations (the search's budget)")
+    c.add_argument("--population", type=int, default=12, help="random: candidates drawn per round")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--overwrite", action="store_true", help="replace a baseline already in --out")
     c = cmd("run", run, "the main job: search, export, quantize, benchmark and evaluate; writes OUT/report.md")
     model_arg(c)
     c.add_argument("--runtime", default="onnxruntime", choices=["torch", "onnxruntime", "openvino"])

@@ -428,6 +428,47 @@ def quality_context(model: str, sequences: int, seq_len: int) -> tuple[Any, KLQu
     return _CONTEXT[key]
 
 
+@dataclasses.dataclass
+class Setup:
+    """What a search (or a baseline, under the same budget) works with."""
+
+    supernet: Any
+    config: dict[str, Any]
+    predictor: Any
+    encoder: GeneEncoder
+    objectives: Objectives
+
+
+def setup(*, model: str, table: str, phase: str = "decode", latency_budget: float | None = None,
+          latency_ratio: float | None = None, size_budget: float | None = None, sequences: int = 8,
+          seq_len: int = 128) -> Setup:
+    """The supernet, gene encoder and objectives of `model` against `table`, budgets checked.
+
+    Against an onnxruntime int8 table the quality is measured under int8 emulation, with each layer's
+    down_proj precision a gene (the table measures both).
+    """
+    from .hub import read_llama_config, resolve_model
+    from .latency import model_signature
+    from .predictor import LatencyPredictor
+
+    config = read_llama_config(resolve_model(model))
+    predictor = LatencyPredictor.load(table)
+    predictor.table.check_model(model_signature(config))
+    sn, quality = quality_context(model, sequences, seq_len)
+    mixed = "down_proj" in predictor.table.mixed_precision
+    if mixed:
+        from .supernet import OrtInt8
+
+        quality = quality.emulating(OrtInt8.from_settings(predictor.table.header["quantization"]))
+    encoder = GeneEncoder(sn.search_space, mixed_precision=mixed)
+    lat = lambda c: predictor.latency_ms(c, phase)  # noqa: E731
+    size = lambda c: float(predictor.bytes(c))  # noqa: E731
+    budget = latency_budget if latency_ratio is None else latency_ratio * lat(sn.search_space.max_config())
+    obj = Objectives(quality, lat, size, budget, None if size_budget is None else size_budget * 1e6)
+    check_budgets(encoder, obj)
+    return Setup(sn, config, predictor, encoder, obj)
+
+
 def run_search(*, model: str = "smollm2-135m", table: str, algorithm: str = "nsga2", evaluations: int = 200,
                population: int = 20, latency_budget: float | None = None, latency_ratio: float | None = None,
                size_budget: float | None = None, phase: str = "decode", seed: int = 0, workers: int = 1,
@@ -438,10 +479,6 @@ def run_search(*, model: str = "smollm2-135m", table: str, algorithm: str = "nsg
     from pathlib import Path
 
     from tqdm import tqdm
-
-    from .hub import read_llama_config, resolve_model
-    from .latency import model_signature
-    from .predictor import LatencyPredictor
 
     if algorithm not in ALGORITHMS:
         raise HwnasError(f"algorithm {algorithm!r} is not known; expected one of {list(ALGORITHMS)}")
@@ -468,23 +505,11 @@ def run_search(*, model: str = "smollm2-135m", table: str, algorithm: str = "nsg
         if diff:
             raise HwnasError("cannot resume: " + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items()))
 
-    config = read_llama_config(resolve_model(model))
-    predictor = LatencyPredictor.load(table)
-    predictor.table.check_model(model_signature(config))
-    sn, quality = quality_context(model, sequences, seq_len)
-    mixed = "down_proj" in predictor.table.mixed_precision
-    if mixed:  # an onnxruntime int8 table: weigh int8's loss, with down_proj precision a gene per layer
-        from .supernet import OrtInt8
-
-        quality = quality.emulating(OrtInt8.from_settings(predictor.table.header["quantization"]))
-    encoder = GeneEncoder(sn.search_space, mixed_precision=mixed)
-    full = sn.search_space.max_config()
-    lat = lambda c: predictor.latency_ms(c, phase)  # noqa: E731
-    size = lambda c: float(predictor.bytes(c))  # noqa: E731
-    budget = latency_budget if latency_ratio is None else latency_ratio * lat(full)
-    obj = Objectives(quality, lat, size, budget, None if size_budget is None else size_budget * 1e6)
-    check_budgets(encoder, obj)
-    ev = Evaluator(encoder, obj, evaluations, _ray_map(sn, quality, workers, ray_address))
+    sp = setup(model=model, table=table, phase=phase, latency_budget=latency_budget, latency_ratio=latency_ratio,
+               size_budget=size_budget, sequences=sequences, seq_len=seq_len)
+    sn, config, predictor, encoder, obj = sp.supernet, sp.config, sp.predictor, sp.encoder, sp.objectives
+    lat, size, full = obj.latency, obj.size, sn.search_space.max_config()
+    ev = Evaluator(encoder, obj, evaluations, _ray_map(sn, obj.quality, workers, ray_address))
     problem = _problem(encoder, len(obj.constraints(0.0, 0.0)))
     if saved:
         for d in saved["evaluations"]:
