@@ -28,3 +28,14 @@ def test_greedy_generate_returns_new_text(tiny_model):
     model, tok = load_model(tiny_model)
     out = greedy_generate(model, tok, "The capital", max_new_tokens=4)
     assert isinstance(out, str) and not out.startswith("The capital")
+
+
+def test_perplexity_command_runs_in_the_artifacts_runtime(tiny_model, tmp_path):
+    from hwnas.cli import perplexity as ppl_command
+    from hwnas.export import export_onnx_checkpoint
+
+    export_onnx_checkpoint(model=tiny_model, out=tmp_path / "onnx")
+    torch_r = ppl_command(model=str(tiny_model), split="validation", limit=6, batch_size=3)
+    onnx_r = ppl_command(model=str(tmp_path / "onnx"), split="validation", limit=6, batch_size=3)
+    assert torch_r["runtime"] == "torch" and onnx_r["runtime"] == "onnx"
+    assert onnx_r["tokens"] == torch_r["tokens"] and math.isclose(onnx_r["perplexity"], torch_r["perplexity"], rel_tol=1e-4)

@@ -60,18 +60,18 @@ def generate(*, model: str = DEFAULT_MODEL, prompt: str = "The capital of France
 
 
 def perplexity(*, model: str = DEFAULT_MODEL, split: str = "validation", limit: int | None = None, batch_size: int = 8) -> dict[str, Any]:
-    """Perplexity of `model` on LAMBADA passages of `split` (held out from calibration by default)."""
+    """Perplexity of `model` (checkpoint, ONNX or OpenVINO folder) on LAMBADA passages of `split` (held out by default)."""
     from .data import lambada_texts
     from .evaluate import perplexity as ppl
-    from .hub import load_model
+    from .hub import load_artifact
 
     if limit is not None and limit < 1:
         raise HwnasError(f"--limit must be a positive integer, got {limit}")
-    m, tok = load_model(model, allow_subnet=True)
+    m, tok, kind = load_artifact(model)
     if tok is None:
         raise HwnasError(f"{model} has no tokenizer; perplexity needs one")
     texts = lambada_texts(split, limit)  # type: ignore[arg-type]
-    return {"model": model, "data": f"lambada/{split}", **ppl(m, tok, texts, batch_size=batch_size)}
+    return {"model": model, "runtime": kind, "data": f"lambada/{split}", **ppl(m, tok, texts, batch_size=batch_size)}
 
 
 def evaluate(*, model: str = DEFAULT_MODEL, runtime: str | None = None, tasks: str, limit: int | None = None,
