@@ -25,14 +25,17 @@ class Budget:
     evaluations: int  # real quality evaluations of the search
     population: int
     perplexity_passages: int  # held-out LAMBADA validation passages
-    lambada_items: int  # LAMBADA test items (last-word accuracy)
+    tasks: tuple[str, ...]  # lm-eval tasks of the accuracy sample (hwnas evaluate)
+    task_items: int  # items per task
     new_tokens: int  # decoded tokens per benchmark run
     rounds: int  # interleaved benchmark rounds
 
 
 BUDGETS = {
-    "quick": Budget(evaluations=60, population=12, perplexity_passages=100, lambada_items=300, new_tokens=32, rounds=3),
-    "full": Budget(evaluations=200, population=20, perplexity_passages=400, lambada_items=1000, new_tokens=64, rounds=5),
+    "quick": Budget(evaluations=60, population=12, perplexity_passages=100, tasks=("lambada", "arc_easy", "piqa"),
+                    task_items=100, new_tokens=32, rounds=3),
+    "full": Budget(evaluations=200, population=20, perplexity_passages=400,
+                   tasks=("lambada", "arc_easy", "piqa", "hellaswag"), task_items=500, new_tokens=64, rounds=5),
 }
 # The quantization method that deploys a latency table's runtime/precision (the table was measured with the same settings).
 DEPLOY_METHODS = {("onnxruntime", "int8"): "ort-int8", ("openvino", "int8"): "ov-int8", ("openvino", "int4"): "ov-int4"}
@@ -90,17 +93,18 @@ def deploy(src: Path, runtime: str, precision: str, out: Path, *, progress: bool
 
 
 def evaluate_quality(path: Path, budget: Budget, *, progress: bool) -> dict[str, Any]:
-    """Held-out perplexity (LAMBADA validation passages) and LAMBADA test accuracy, run in the artifact's runtime."""
-    from .data import lambada_items, lambada_texts
-    from .evaluate import lambada_accuracy, perplexity
+    """Held-out perplexity (LAMBADA validation passages) and lm-eval accuracy on a task sample, in the artifact's runtime."""
+    from .data import lambada_texts
+    from .evaluate import perplexity
     from .hub import load_artifact
+    from .lmeval import evaluate_model
 
     model, tok, kind = load_artifact(path)
     if tok is None:
         raise HwnasError(f"{path} has no tokenizer; evaluation needs one")
     ppl = perplexity(model, tok, lambada_texts("validation", budget.perplexity_passages), progress=progress)
-    acc = lambada_accuracy(model, tok, lambada_items("test")[: budget.lambada_items], progress=progress)
-    return {"runtime": kind, "perplexity": ppl, "lambada": acc}
+    acc = evaluate_model(model, tok, budget.tasks, limit=budget.task_items, progress=progress)
+    return {"runtime": kind, "perplexity": ppl, "accuracy": acc}
 
 
 def run(*, model: str = DEFAULT_MODEL, runtime: str = "onnxruntime", precision: str = "int8", latency_ratio: float = 0.75,
@@ -252,7 +256,8 @@ def _report(out: Path, args: dict[str, Any], budget: Budget, table: Path, header
         "smaller_than_full_fp32": _ratio(ref["file_bytes"], sub["file_bytes"]),
         "kl_to_full": chosen["kl"],
         "perplexity": {"full": q_full["perplexity"]["perplexity"], "subnet": q_sub["perplexity"]["perplexity"]},
-        "lambada_acc": {"full": q_full["lambada"]["acc"], "subnet": q_sub["lambada"]["acc"]},
+        "mean_accuracy": {"full": q_full["accuracy"]["mean_acc_norm_or_acc"],
+                          "subnet": q_sub["accuracy"]["mean_acc_norm_or_acc"]},
     }
     report = {"args": args, "budget": asdict(budget), "table": str(table), "device": header["device"],
               "chosen": chosen, "parameters": {"subnet": export["parameters"], "full": export["full_parameters"]},
@@ -271,6 +276,7 @@ def _markdown(out: Path, r: dict[str, Any], table: Path) -> str:
     cfg = c["config"]
     fp32 = [i for i, d in zip(cfg["layers"], cfg.get("fp32_down", [])) if d]
     q = r["quality"]
+    tasks = list(q["full"]["accuracy"]["tasks"])
     lines = [
         f"# hwnas run: {a['model']} on {r['device'].get('name', r['device']['id'])} ({a['runtime']} {a['precision']})",
         "",
@@ -290,18 +296,21 @@ def _markdown(out: Path, r: dict[str, Any], table: Path) -> str:
         "",
         "## Measured on this device",
         "",
-        "| model | prefill ms | decode ms/token | tokens/s | TTFT ms | peak RSS MB | file MB | perplexity | LAMBADA acc |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| model | prefill ms | decode ms/token | tokens/s | TTFT ms | peak RSS MB | file MB | perplexity | "
+        f"{' | '.join(tasks)} | mean acc |",
+        "|---|---|---|---|---|---|---|---|" + "---|" * (len(tasks) + 1),
     ]
     for name, row in r["benchmark"].items():
         qq = q.get(name)
         ppl = _fmt(qq["perplexity"]["perplexity"], ".1f") if qq else "-"
-        acc = f"{qq['lambada']['acc']:.3f} ± {qq['lambada']['stderr']:.3f}" if qq else "-"
+        accs = [_acc(qq["accuracy"]["tasks"][t]) if qq else "-" for t in tasks]
+        mean = f"{qq['accuracy']['mean_acc_norm_or_acc']:.3f}" if qq else "-"
         lines.append(f"| {name} ({Path(r['artifacts'][name]).name}) | {_fmt(row['prefill_ms'], '.1f')} | "
                      f"{_fmt(row['decode_ms_per_token'], '.2f')} | {_fmt(row['tokens_per_s'], '.1f')} | "
                      f"{_fmt(row['ttft_ms'], '.1f')} | {_fmt(row['peak_rss_bytes'] / 2**20, '.0f')} | "
-                     f"{_fmt(row['file_bytes'] / 2**20, '.1f')} | {ppl} | {acc} |")
+                     f"{_fmt(row['file_bytes'] / 2**20, '.1f')} | {ppl} | {' | '.join(accs)} | {mean} |")
     n_ppl = q["full"]["perplexity"]["passages"]
+    items = ", ".join(f"{t} {v['n']}" for t, v in q["full"]["accuracy"]["tasks"].items())
     lines += [
         "",
         f"- decode: **{_fmt(h['decode_speedup_vs_full'])}x** faster than the full model in the same runtime and precision "
@@ -310,8 +319,9 @@ def _markdown(out: Path, r: dict[str, Any], table: Path) -> str:
         f"- whole stack against the full fp32 model in {a['runtime']}: {_fmt(h['decode_speedup_vs_full_fp32'])}x faster decode, "
         f"{_fmt(h['smaller_than_full_fp32'])}x smaller.",
         f"- quality: held-out perplexity {h['perplexity']['full']:.1f} -> {h['perplexity']['subnet']:.1f} "
-        f"({n_ppl} LAMBADA validation passages); LAMBADA last-word accuracy {h['lambada_acc']['full']:.3f} -> "
-        f"{h['lambada_acc']['subnet']:.3f} ({q['full']['lambada']['n']} test items). No fine-tuning after pruning.",
+        f"({n_ppl} LAMBADA validation passages); mean accuracy {h['mean_accuracy']['full']:.3f} -> "
+        f"{h['mean_accuracy']['subnet']:.3f} (lm-eval, zero-shot, acc_norm where the task has it, else acc; items: "
+        f"{items}). No fine-tuning after pruning.",
         "",
         "## Reproduce",
         "```",
@@ -328,6 +338,12 @@ def _markdown(out: Path, r: dict[str, Any], table: Path) -> str:
                      else f"hwnas onnx --model {out / 'subnet'} --out {r['artifacts']['subnet']}")
     lines += [f"hwnas benchmark --compare {' '.join(r['artifacts'].values())} --out {out / 'benchmark.json'}", "```", ""]
     return "\n".join(lines)
+
+
+def _acc(t: dict[str, Any]) -> str:
+    """acc_norm (else acc) ± its standard error."""
+    v, se = (t["acc_norm"], t["acc_norm_stderr"]) if t.get("acc_norm") is not None else (t["acc"], t["acc_stderr"])
+    return f"{v:.3f} ± {se:.3f}" if se is not None else f"{v:.3f}"
 
 
 def _cli_args(a: dict[str, Any]) -> str:
