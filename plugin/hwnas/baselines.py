@@ -86,24 +86,23 @@ def run_baseline(*, method: str, model: str, table: str | Path, latency_ratio: f
         raise HwnasError(f"{out} already holds a baseline; pass --overwrite or choose another --out")
     sp = setup(model=model, table=str(table), phase=phase, latency_budget=latency_budget, latency_ratio=latency_ratio)
     obj, full = sp.objectives, sp.supernet.search_space.max_config()
-    evaluated: list[dict[str, Any]] = []
+    evaluated: list[dict[str, Any]] = []  # width-uniform's candidates, for the record
     if method == "layer-drop":
         cfg = layer_drop(sp)
+        kl = obj.quality(cfg)
     elif method == "width-uniform":
         scored = [(obj.quality(c), c) for c in width_candidates(sp)]
         evaluated = [{"config": c.to_dict(), "kl": q, "latency_ms": obj.latency(c)} for q, c in scored]
-        cfg = min(scored, key=lambda t: t[0])[1]
+        kl, cfg = min(scored, key=lambda t: t[0])
     else:
         run_search(model=model, table=str(table), algorithm="random", evaluations=evaluations, population=population,
                    latency_budget=obj.latency_budget, phase=phase, seed=seed,
                    resume=(out / "search" / "state.pkl").exists(), out=str(out / "search"), progress=progress)
         front = read_json(out / "search" / "pareto.json", "search front")["front"]  # feasible members only
-        feasible = [m for m in front if m["latency_ms"] <= obj.latency_budget + 1e-9]
-        if not feasible:
+        if not front:
             raise HwnasError(f"no random sub-network out of {evaluations} met {obj.latency_budget:.3f} ms")
-        cfg = SubnetConfig.from_dict(min(feasible, key=lambda m: m["kl"])["config"])
-    kl = next((e["kl"] for e in evaluated if e["config"] == cfg.to_dict()), None)
-    kl = obj.quality(cfg) if kl is None else kl
+        best = min(front, key=lambda m: m["kl"])
+        cfg, kl = SubnetConfig.from_dict(best["config"]), best["kl"]
     export_checkpoint(model=model, subnet=_write_config(out, cfg), out=out / "checkpoint", overwrite=overwrite,
                       supernet=sp.supernet)
     result = {"method": method, "model": str(model), "table": str(Path(table).resolve()), "phase": phase,
