@@ -122,3 +122,18 @@ def test_onnx_refuses_an_onnx_folder_and_writes_nothing(run_cli, per_layer_kv_su
     proc = run_cli("onnx", "--model", str(tmp_path / "onnx"), "--out", str(tmp_path / "again"), check=False)
     assert proc.returncode == 2 and "is an ONNX export (model.onnx)" in proc.stderr and "needs a torch checkpoint" in proc.stderr
     assert not (tmp_path / "again").exists()
+
+
+def test_onnx_of_a_uniform_head_pruned_subnet_loads_in_stock_ortmodel(tiny_model, tmp_path):
+    """A plain llama with fewer query heads: Optimum sizes its empty cache from hidden_size // heads."""
+    from hwnas.export import export_checkpoint, export_onnx_checkpoint
+
+    (tmp_path / "cfg.json").write_text(json.dumps({"num_layers": 4, "layers": [0, 1, 2, 3], "mlp": [128] * 4,
+                                                   "heads": [2] * 4, "kv_heads": [2] * 4}))
+    export_checkpoint(model=str(tiny_model), subnet=tmp_path / "cfg.json", out=tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["num_attention_heads"] == 2
+    export_onnx_checkpoint(model=tmp_path / "ckpt", out=tmp_path / "onnx")
+    cfg = json.loads((tmp_path / "onnx" / "config.json").read_text())
+    assert cfg["hwnas_num_attention_heads"] == 2 and cfg["hidden_size"] // cfg["num_attention_heads"] == cfg["head_dim"]
+    want = torch_greedy(tmp_path / "ckpt")
+    assert runtime_greedy(tmp_path / "onnx", "optimum.onnxruntime.ORTModelForCausalLM", import_hwnas=False) == want

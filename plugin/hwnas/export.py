@@ -156,14 +156,24 @@ def runtime_config(folder: Path) -> None:
     ORTModelForCausalLM and OVModelForCausalLM read only the cache layout from config.json (the graph
     holds the shapes), so the exported folder then loads without importing hwnas. The per-layer
     shapes stay in `layer_shapes`, and `hwnas_model_type` records the source type.
+
+    Optimum's ORTModelForCausalLM sizes a llama's empty KV cache with head size `hidden_size //
+    num_attention_heads`, ignoring `head_dim`: with query heads pruned that is wrong (576 // 3 = 192, not
+    64), so `num_attention_heads` becomes `hidden_size // head_dim` there and the kept count is recorded
+    as `hwnas_num_attention_heads` (the graph holds the real shapes).
     """
     path = folder / "config.json"
     if not path.is_file():
         return
     data = read_json(path, "exported config")
+    changed = dict(data)
     if data.get("model_type") == "hwnas_llama":
-        data.update(model_type="llama", hwnas_model_type="hwnas_llama", architectures=["LlamaForCausalLM"])
-        atomic_write_json(path, data)
+        changed.update(model_type="llama", hwnas_model_type="hwnas_llama", architectures=["LlamaForCausalLM"])
+    heads, head_dim, hidden = data.get("num_attention_heads"), data.get("head_dim"), data.get("hidden_size")
+    if heads and head_dim and hidden and hidden // heads != head_dim and hidden % head_dim == 0:
+        changed.update(num_attention_heads=hidden // head_dim, hwnas_num_attention_heads=heads)
+    if changed != data:
+        atomic_write_json(path, changed)
 
 
 def export_onnx(model: Any, out: str | Path, *, opset: int | None = None) -> Path:
@@ -175,6 +185,7 @@ def export_onnx(model: Any, out: str | Path, *, opset: int | None = None) -> Pat
     with torch_quiet():
         onnx_export_from_model(model, output=out, task="text-generation-with-past", opset=opset, do_validation=False,
                                library_name="transformers")
+    runtime_config(out)
     return out / "model.onnx"
 
 
