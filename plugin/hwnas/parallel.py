@@ -9,11 +9,16 @@ of `workers` CPUs by itself, or joins `address` (`ray start --head` elsewhere, m
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
+from pathlib import Path
 from typing import Any
 
 from .common import HwnasError, home
 from .space import SubnetConfig
+
+
+_MAX_RAY_TMP = 40  # longest session parent folder whose sockets stay under AF_UNIX's 107 bytes
 
 
 def _init_ray(workers: int, address: str | None) -> Any:
@@ -22,10 +27,13 @@ def _init_ray(workers: int, address: str | None) -> Any:
     except ImportError:
         raise HwnasError("--workers/--ray-address need Ray: pip install 'ray==2.60.0'") from None
     if not ray.is_initialized():
-        # Ray writes a session folder and an auth token; keep both inside the hwnas folder.
+        # Ray writes a session folder and an auth token; keep both inside the hwnas folder, unless its path
+        # is too long for the session's Unix sockets (107 bytes, ~62 of them Ray's): then the system temp dir.
         tmp = home() / "ray"
         tmp.mkdir(parents=True, exist_ok=True)
-        os.environ.setdefault("RAY_TMPDIR", str(tmp))
+        sessions = tmp if len(str(tmp)) <= _MAX_RAY_TMP else Path(tempfile.gettempdir()) / f"hwnas-ray-{os.getuid()}"
+        sessions.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("RAY_TMPDIR", str(sessions))
         if not address and not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
             token = tmp / "auth_token"  # a local cluster's token; Ray's default is ~/.ray/auth_token
             if not token.exists():
@@ -38,7 +46,7 @@ def _init_ray(workers: int, address: str | None) -> Any:
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=workers, _temp_dir=str(tmp), **kwargs)
+            ray.init(num_cpus=workers, _temp_dir=str(sessions), **kwargs)
     return ray
 
 
