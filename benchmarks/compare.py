@@ -1,0 +1,257 @@
+"""hwnas against pruning baselines at the same latency targets: accuracy, measured latency and size, side by side.
+
+For each latency ratio (of the full model's predicted decode latency on the onnxruntime int8 table):
+the hwnas search's lowest-KL sub-network within the ratio (`hwnas search`, the `hwnas run` choice) and
+each baseline of `hwnas baseline` (layer-drop, width-uniform, random with the search's evaluation
+budget). Every sub-network and the full model are deployed as onnxruntime int8 (`hwnas quantize
+--method ort-int8`), evaluated in that runtime with lm-eval on the same task items (`hwnas evaluate`),
+and benchmarked together in one interleaved `hwnas benchmark` run. Steps already done under --work
+are reused, so an interrupted comparison resumes.
+
+Writes benchmarks/results/compare.{json,md,png}:
+
+    .venv/bin/python benchmarks/compare.py                        (about an hour on 2 cores)
+    .venv/bin/python benchmarks/compare.py --ratios 0.8 --limit 50    (a quick look)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+
+import hwnas  # noqa: F401  (keeps caches inside the project)
+from hwnas.common import HwnasError, atomic_write_json, atomic_write_text, home, read_json
+from hwnas.hub import DEFAULT_MODEL, resolve_model
+
+BASELINES = ("layer-drop", "width-uniform", "random")
+METHODS = ("hwnas", *BASELINES)
+TABLE = Path(__file__).resolve().parents[1] / "latency_tables" / "smollm2-135m__cpu-amd-epyc-avx512vnni-t2__onnxruntime-int8.json"
+
+
+def candidates(model: str, table: Path, ratios: list[float], evaluations: int, population: int, seed: int,
+               work: Path) -> list[dict]:
+    """Every method's sub-network at every ratio, as checkpoints under `work` (built unless there)."""
+    from hwnas.baselines import run_baseline
+    from hwnas.export import export_checkpoint
+    from hwnas.pipeline import _choose
+    from hwnas.search import run_search
+
+    rows = [{"method": "full", "ratio": 1.0, "kl": 0.0, "predicted_ratio": 1.0, "checkpoint": str(resolve_model(model)),
+             "config": None}]
+    for r in ratios:
+        d = work / f"ratio-{r:.2f}"
+        search = d / "hwnas" / "search"
+        if not (search / "summary.json").exists():
+            run_search(model=model, table=str(table), algorithm="nsga2", evaluations=evaluations, population=population,
+                       latency_ratio=r, seed=seed, resume=(search / "state.pkl").exists(), out=str(search))
+        chosen = _choose(read_json(search / "pareto.json", "search front"), r)
+        ckpt = d / "hwnas" / "checkpoint"
+        if not ckpt.is_dir():
+            export_checkpoint(model=model, subnet=search / "pareto.json", pick=chosen["index"], out=ckpt)
+        rows.append({"method": "hwnas", "ratio": r, "kl": chosen["kl"], "predicted_ratio": chosen["latency_ratio"],
+                     "checkpoint": str(ckpt), "config": chosen["config"]})
+        for m in BASELINES:
+            path = d / m / "baseline.json"
+            b = read_json(path, "baseline") if path.exists() else run_baseline(
+                method=m, model=model, table=table, latency_ratio=r, evaluations=evaluations, population=population,
+                seed=seed, out=d / m)
+            rows.append({"method": m, "ratio": r, "kl": b["kl"], "predicted_ratio": b["latency_ratio"],
+                         "checkpoint": b["checkpoint"], "config": b["config"]})
+    return rows
+
+
+def key(row: dict) -> str:
+    """Identical sub-networks share their deployed artifact, evaluation and measurement."""
+    return hashlib.sha256(json.dumps(row["config"] or "full", sort_keys=True).encode()).hexdigest()[:12]
+
+
+def deploy_all(rows: list[dict], work: Path) -> dict[str, Path]:
+    from hwnas.pipeline import deploy
+
+    paths = {}
+    for row in rows:
+        k = key(row)
+        paths[k] = work / "deployed" / f"{k}-onnxruntime-int8"
+        if not paths[k].is_dir():
+            print(f"deploying {row['method']} @ {row['ratio']} as onnxruntime int8", file=sys.stderr, flush=True)
+            try:
+                deploy(Path(row["checkpoint"]), "onnxruntime", "int8", paths[k], progress=True)
+            except HwnasError as e:  # over quantize's KL threshold: the artifact is kept, and compared as it is
+                if not (paths[k] / "quantize.json").is_file():
+                    raise
+                print(f"warning: {e}", file=sys.stderr, flush=True)
+    return paths
+
+
+def evaluate_all(paths: dict[str, Path], tasks: list[str], limit: int | None, work: Path) -> dict[str, dict]:
+    from hwnas.lmeval import evaluate_path
+
+    out = {}
+    for k, path in paths.items():
+        f = work / "evals" / f"{k}.json"
+        saved = read_json(f, "evaluation") if f.exists() else None
+        if not saved or saved["tasks_requested"] != tasks or saved["limit"] != limit:
+            print(f"evaluating {path.name}", file=sys.stderr, flush=True)
+            saved = {"tasks_requested": tasks, **evaluate_path(path, tasks, limit=limit)}
+            atomic_write_json(f, saved)
+        out[k] = saved
+    return out
+
+
+def measure_all(paths: dict[str, Path], new_tokens: int, repeats: int, rounds: int, work: Path) -> dict[str, dict]:
+    from hwnas.benchmark import benchmark
+
+    f = work / "benchmark.json"
+    labels = sorted(paths)
+    report = read_json(f, "benchmark") if f.exists() else None
+    if not report or sorted(e["label"] for e in report["models"]) != labels:
+        report = benchmark([str(paths[k]) for k in labels], labels=labels, runtime="onnxruntime", new_tokens=new_tokens,
+                           repeats=repeats, rounds=rounds, out=f)
+    return {e["label"]: e for e in report["models"]}, report
+
+
+def headline(result: dict) -> float:
+    """The mean over tasks of acc_norm where the task has it (ARC, PIQA, HellaSwag), else acc."""
+    return result["mean_acc_norm_or_acc"]
+
+
+def headline_stderr(result: dict) -> float:
+    ses = [t["acc_norm_stderr"] if t.get("acc_norm") is not None else t["acc_stderr"] for t in result["tasks"].values()]
+    return math.sqrt(sum(s * s for s in ses)) / len(ses)
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    """Per ratio: does hwnas's accuracy reach every baseline's; is every baseline point dominated by an hwnas point."""
+    out = []
+    hw = [r for r in rows if r["method"] == "hwnas"]
+    for r in sorted({r["ratio"] for r in rows if r["method"] != "full"}, reverse=True):
+        mine = next(x for x in hw if x["ratio"] == r)
+        for b in (x for x in rows if x["ratio"] == r and x["method"] in BASELINES):
+            diff = mine["accuracy"] - b["accuracy"]
+            se = math.hypot(mine["accuracy_stderr"], b["accuracy_stderr"])
+            dominated = any(h["accuracy"] >= b["accuracy"] and h["decode_ms"] <= b["decode_ms"] for h in hw)
+            out.append(f"ratio {r:.2f}: hwnas {'>=' if diff >= 0 else '<'} {b['method']} by {diff * 100:+.1f} points "
+                       f"(±{se * 100:.1f} stderr of the difference); {b['method']}'s point is "
+                       f"{'' if dominated else 'NOT '}dominated by an hwnas point (accuracy and measured decode)")
+    return out
+
+
+def main(model: str, table: Path, ratios: list[float], tasks: list[str], limit: int | None, evaluations: int,
+         population: int, seed: int, new_tokens: int, repeats: int, rounds: int, work: Path, out_dir: Path) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    args = {"model": model, "table": str(Path(table).resolve()), "evaluations": evaluations, "population": population,
+            "seed": seed}
+    if (work / "args.json").exists() and read_json(work / "args.json", "comparison arguments") != args:
+        sys.exit(f"{work} holds a comparison made with {read_json(work / 'args.json')}, not {args}; choose another --work")
+    atomic_write_json(work / "args.json", args)
+    rows = candidates(model, table, ratios, evaluations, population, seed, work)
+    paths = deploy_all(rows, work)
+    evals = evaluate_all(paths, tasks, limit, work)
+    bench, report = measure_all(paths, new_tokens, repeats, rounds, work)
+    full = bench[key(rows[0])]
+    for row in rows:
+        k, e = key(row), bench[key(row)]
+        row.update(artifact=str(paths[k]), layers=None if row["config"] is None else len(row["config"]["layers"]),
+                   tasks=evals[k]["tasks"], accuracy=headline(evals[k]), accuracy_stderr=headline_stderr(evals[k]),
+                   decode_ms=e["decode_ms_per_token"]["median"], prefill_ms=e["prefill_ms"]["median"],
+                   decode_ratio=e["decode_ms_per_token"]["median"] / full["decode_ms_per_token"]["median"],
+                   prefill_ratio=e["prefill_ms"]["median"] / full["prefill_ms"]["median"],
+                   file_bytes=e["file_bytes"], size_ratio=e["file_bytes"] / full["file_bytes"],
+                   peak_rss_bytes=e["peak_rss_bytes"],
+                   int8_kl=read_json(paths[k] / "quantize.json", "quantize report")["quality"]["kl"])
+    result = {"date": datetime.date.today().isoformat(),
+              "command": "python benchmarks/compare.py " + shlex.join(sys.argv[1:]), "model": model,
+              "table": str(table), "deployed_as": "onnxruntime int8 (hwnas quantize --method ort-int8)",
+              "tasks": tasks, "limit": limit, "items": {t: v["n"] for t, v in evals[key(rows[0])]["tasks"].items()},
+              "search_evaluations": evaluations, "device": report["device"], "settings": report["settings"],
+              "lm_eval_version": evals[key(rows[0])]["lm_eval_version"], "rows": rows}
+    result["verdicts"] = verdicts(rows)
+    atomic_write_json(out_dir / "compare.json", result)
+    md = markdown(result)
+    atomic_write_text(out_dir / "compare.md", md)
+    plot(result, out_dir / "compare.png")
+    print(md)
+    return result
+
+
+def markdown(result: dict) -> str:
+    tasks = result["tasks"]
+    items = ", ".join(f"{t} {n}" for t, n in result["items"].items())
+    s = result["settings"]
+    lines = [f"hwnas against pruning baselines, {result['model']} deployed as {result['deployed_as']} "
+             f"({result['date']}, `{result['command']}`)", "",
+             f"Accuracy: lm-eval {result['lm_eval_version']}, zero-shot, items per task: {items}; acc_norm for ARC, PIQA "
+             "and HellaSwag, acc for LAMBADA; ± is the standard error. Mean: the mean of those. Latency: measured decode "
+             f"ms/token and prefill of a {s['prompt_tokens']}-token prompt, medians of {s['rounds']} interleaved rounds "
+             f"of {s['repeats']} runs, all models in one run; ratios are to the full int8 model. Target: the ratio of the "
+             f"full model's predicted decode latency; search and random get {result['search_evaluations']} real quality "
+             "evaluations each.", "",
+             "| target | method | layers | KL | " + " | ".join(tasks) + " | mean | decode ratio (pred.) | decode ms "
+             "| prefill ratio | size MB |",
+             "|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|"]
+    for r in result["rows"]:
+        acc = []
+        for t in tasks:
+            v = r["tasks"][t]
+            a, se = (v["acc_norm"], v["acc_norm_stderr"]) if v.get("acc_norm") is not None else (v["acc"], v["acc_stderr"])
+            acc.append(f"{a * 100:.1f} ± {se * 100:.1f}")
+        target = "full" if r["method"] == "full" else f"{r['ratio']:.2f}"
+        lines.append(f"| {target} | {r['method']} | {r['layers'] or '30'} | {r['kl']:.2f} | " + " | ".join(acc)
+                     + f" | **{r['accuracy'] * 100:.1f}** ± {r['accuracy_stderr'] * 100:.1f} | {r['decode_ratio']:.2f} "
+                     f"({r['predicted_ratio']:.2f}) | {r['decode_ms']:.2f} | {r['prefill_ratio']:.2f} | "
+                     f"{r['file_bytes'] / 1e6:.0f} |")
+    lines += ["", *[f"- {v}" for v in result["verdicts"]]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"hwnas": ("o", "C3"), "layer-drop": ("s", "C0"), "width-uniform": ("^", "C2"), "random": ("x", "C7"),
+              "full": ("*", "k")}
+    for m, (marker, color) in styles.items():
+        pts = sorted((r for r in result["rows"] if r["method"] == m), key=lambda r: r["decode_ms"])
+        if not pts:
+            continue
+        x, y = [r["decode_ms"] for r in pts], [r["accuracy"] * 100 for r in pts]
+        ax.errorbar(x, y, yerr=[r["accuracy_stderr"] * 100 for r in pts], marker=marker, color=color, label=m,
+                    linestyle="-" if m != "full" else "none", markersize=12 if m == "full" else 7, capsize=3)
+    ax.set_xlabel("measured decode latency, ms/token (onnxruntime int8)")
+    ax.set_ylabel("mean accuracy, % (" + ", ".join(result["tasks"]) + ")")
+    ax.set_title(f"{result['model']}: accuracy against measured latency ({result['date']})", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--table", type=Path, default=TABLE, help="onnxruntime int8 latency table (default: the shipped one)")
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.8, 0.7])
+    p.add_argument("--tasks", default="arc_easy,piqa,hellaswag,lambada")
+    p.add_argument("--limit", type=int, default=300, help="items per task (default 300)")
+    p.add_argument("--evaluations", type=int, default=60, help="real quality evaluations of the search and of random")
+    p.add_argument("--population", type=int, default=12)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--work", type=Path, default=None, help="working folder (default .cache/hwnas/compare)")
+    p.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
+    a = p.parse_args()
+    main(a.model, a.table, a.ratios, a.tasks.split(","), a.limit, a.evaluations, a.population, a.seed, a.new_tokens,
+         a.repeats, a.rounds, a.work or home() / "compare", a.out_dir)
