@@ -103,7 +103,9 @@ def evaluate_all(paths: dict[str, Path], tasks: list[str], limit: int | None, wo
     return out
 
 
-def measure_all(paths: dict[str, Path], new_tokens: int, repeats: int, rounds: int, work: Path) -> dict[str, dict]:
+def measure_all(paths: dict[str, Path], new_tokens: int, repeats: int, rounds: int,
+                work: Path) -> tuple[dict[str, dict], dict]:
+    """Every artifact in one interleaved benchmark run: ({label: entry}, the whole report)."""
     from hwnas.benchmark import benchmark
 
     f = work / "benchmark.json"
