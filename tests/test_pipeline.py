@@ -58,6 +58,11 @@ def test_run_resumes_from_its_finished_steps(tiny_run, tiny_model, tiny_tables):
     run(model=str(tiny_model), runtime="onnxruntime", precision="fp32", latency_ratio=0.8, table=tiny_tables["onnxruntime"],
         out=tiny_run, resume=True, progress=False)
     assert (tiny_run / "benchmark.json").stat().st_mtime_ns == before  # nothing measured twice
+    # a run saved by an older hwnas lacks arguments added since: they read as their default (None)
+    saved = json.loads((tiny_run / "run_args.json").read_text())
+    (tiny_run / "run_args.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "threads"}))
+    run(model=str(tiny_model), runtime="onnxruntime", precision="fp32", latency_ratio=0.8, table=tiny_tables["onnxruntime"],
+        out=tiny_run, resume=True, progress=False)
     with pytest.raises(HwnasError, match="arguments differ"):
         run(model=str(tiny_model), runtime="onnxruntime", precision="fp32", latency_ratio=0.7,
             table=tiny_tables["onnxruntime"], out=tiny_run, resume=True, progress=False)

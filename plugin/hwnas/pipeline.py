@@ -134,8 +134,9 @@ def run(*, model: str = DEFAULT_MODEL, runtime: str = "onnxruntime", precision: 
     args = {"model": model, "runtime": runtime, "precision": precision, "latency_ratio": latency_ratio, "budget": budget,
             "phase": phase, "seed": seed, "threads": threads, "table": None if table is None else str(Path(table).resolve())}
     saved = out / "run_args.json"
-    if saved.exists() and read_json(saved, "run arguments") != args:
-        diff = {k: (v, args[k]) for k, v in read_json(saved, "run arguments").items() if args.get(k) != v}
+    before = read_json(saved, "run arguments") if saved.exists() else args
+    diff = {k: (before.get(k), args.get(k)) for k in {**before, **args} if before.get(k) != args.get(k)}
+    if diff:  # (an argument a run from an older hwnas did not record reads as its default, None)
         raise HwnasError(f"cannot resume {out}: arguments differ from the saved run (saved, now): {diff}")
     atomic_write_json(saved, args)
     step = _stepper(out, progress)
@@ -200,7 +201,7 @@ def run(*, model: str = DEFAULT_MODEL, runtime: str = "onnxruntime", precision: 
     quality_path = out / "quality.json"
     quality = read_json(quality_path, "quality") if quality_path.exists() else {}
     for name in ("full", "subnet"):
-        if name not in quality:
+        if "accuracy" not in quality.get(name, {}):  # (a run from before lm-eval has perplexity and LAMBADA only)
             logger.warning("evaluating %s", name)
             quality[name] = evaluate_quality(paths[name], b, progress=progress)
             atomic_write_json(quality_path, quality)
