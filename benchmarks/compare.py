@@ -27,9 +27,9 @@ from pathlib import Path
 import hwnas  # noqa: F401  (keeps caches inside the project)
 from hwnas.common import HwnasError, atomic_write_json, atomic_write_text, home, read_json
 from hwnas.hub import DEFAULT_MODEL, resolve_model
+from hwnas.lmeval import headline
 
 BASELINES = ("layer-drop", "width-uniform", "random")
-METHODS = ("hwnas", *BASELINES)
 TABLE = Path(__file__).resolve().parents[1] / "latency_tables" / "smollm2-135m__cpu-amd-epyc-avx512vnni-t2__onnxruntime-int8.json"
 
 
@@ -117,13 +117,9 @@ def measure_all(paths: dict[str, Path], new_tokens: int, repeats: int, rounds: i
     return {e["label"]: e for e in report["models"]}, report
 
 
-def headline(result: dict) -> float:
-    """The mean over tasks of acc_norm where the task has it (ARC, PIQA, HellaSwag), else acc."""
-    return result["mean_acc_norm_or_acc"]
-
-
-def headline_stderr(result: dict) -> float:
-    ses = [t["acc_norm_stderr"] if t.get("acc_norm") is not None else t["acc_stderr"] for t in result["tasks"].values()]
+def mean_stderr(result: dict) -> float:
+    """Standard error of the mean over tasks of their headline figures (acc_norm, else acc)."""
+    ses = [headline(t)[1] for t in result["tasks"].values()]
     return math.sqrt(sum(s * s for s in ses)) / len(ses)
 
 
@@ -155,11 +151,13 @@ def main(model: str, table: Path, ratios: list[float], tasks: list[str], limit: 
     paths = deploy_all(rows, work)
     evals = evaluate_all(paths, tasks, limit, work)
     bench, report = measure_all(paths, new_tokens, repeats, rounds, work)
-    full = bench[key(rows[0])]
+    full_key = key(rows[0])
+    full = bench[full_key]
     for row in rows:
-        k, e = key(row), bench[key(row)]
+        k = key(row)
+        e = bench[k]
         row.update(artifact=str(paths[k]), layers=None if row["config"] is None else len(row["config"]["layers"]),
-                   tasks=evals[k]["tasks"], accuracy=headline(evals[k]), accuracy_stderr=headline_stderr(evals[k]),
+                   tasks=evals[k]["tasks"], accuracy=evals[k]["mean_acc_norm_or_acc"], accuracy_stderr=mean_stderr(evals[k]),
                    decode_ms=e["decode_ms_per_token"]["median"], prefill_ms=e["prefill_ms"]["median"],
                    decode_ratio=e["decode_ms_per_token"]["median"] / full["decode_ms_per_token"]["median"],
                    prefill_ratio=e["prefill_ms"]["median"] / full["prefill_ms"]["median"],
@@ -169,9 +167,9 @@ def main(model: str, table: Path, ratios: list[float], tasks: list[str], limit: 
     result = {"date": datetime.date.today().isoformat(),
               "command": "python benchmarks/compare.py " + shlex.join(sys.argv[1:]), "model": model,
               "table": str(table), "deployed_as": "onnxruntime int8 (hwnas quantize --method ort-int8)",
-              "tasks": tasks, "limit": limit, "items": {t: v["n"] for t, v in evals[key(rows[0])]["tasks"].items()},
+              "tasks": tasks, "limit": limit, "items": {t: v["n"] for t, v in evals[full_key]["tasks"].items()},
               "search_evaluations": evaluations, "device": report["device"], "settings": report["settings"],
-              "lm_eval_version": evals[key(rows[0])]["lm_eval_version"], "rows": rows}
+              "lm_eval_version": evals[full_key]["lm_eval_version"], "rows": rows}
     result["verdicts"] = verdicts(rows)
     atomic_write_json(out_dir / "compare.json", result)
     md = markdown(result)
@@ -199,8 +197,7 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         acc = []
         for t in tasks:
-            v = r["tasks"][t]
-            a, se = (v["acc_norm"], v["acc_norm_stderr"]) if v.get("acc_norm") is not None else (v["acc"], v["acc_stderr"])
+            a, se = headline(r["tasks"][t])
             acc.append(f"{a * 100:.1f} ± {se * 100:.1f}")
         target = "full" if r["method"] == "full" else f"{r['ratio']:.2f}"
         lines.append(f"| {target} | {r['method']} | {r['layers'] or '30'} | {r['kl']:.2f} | " + " | ".join(acc)

@@ -30,18 +30,15 @@ def layer_drop(sp: Any) -> SubnetConfig:
         raise HwnasError("layer-drop needs the supernet's Block Influence scores; they are computed by its calibration")
     full = sn.search_space.max_config()
     keep = list(full.layers)
-    for layer in sorted(keep, key=lambda i: sn.layer_importance[i]):
+    least_influential = sorted(keep, key=lambda i: sn.layer_importance[i])
+    while True:
         cfg = _uniform(full.num_layers, keep, full.mlp[0], full.heads[0], full.kv_heads[0])
         if obj.latency(cfg) <= obj.latency_budget:
             return cfg
         if len(keep) <= sn.search_space.min_layers:
-            break
-        keep.remove(layer)
-    cfg = _uniform(full.num_layers, keep, full.mlp[0], full.heads[0], full.kv_heads[0])
-    if obj.latency(cfg) > obj.latency_budget:
-        raise HwnasError(f"layer-drop cannot reach {obj.latency_budget:.3f} ms: with the minimum of "
-                         f"{len(keep)} layers it predicts {obj.latency(cfg):.3f} ms")
-    return cfg
+            raise HwnasError(f"layer-drop cannot reach {obj.latency_budget:.3f} ms: with the minimum of "
+                             f"{len(keep)} layers it predicts {obj.latency(cfg):.3f} ms")
+        keep.remove(least_influential.pop(0))
 
 
 def width_candidates(sp: Any) -> list[SubnetConfig]:

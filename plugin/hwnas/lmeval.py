@@ -252,10 +252,17 @@ def evaluate_model(model: Any, tokenizer: Any, tasks: Sequence[str], *, limit: i
         if short == "lambada":
             report[short]["perplexity"] = _metric(res, "perplexity")
     accs = [r["acc"] for r in report.values()]
-    best = [r["acc_norm"] if r["acc_norm"] is not None else r["acc"] for r in report.values()]
+    best = [headline(r)[0] for r in report.values()]
     return {"tasks": report, "mean_acc": sum(accs) / len(accs), "mean_acc_norm_or_acc": sum(best) / len(best),
             "fewshot": fewshot, "limit": limit, "seed": seed, "lm_eval_version": version("lm_eval"),
             "runtime": runtime, "batch_size": batch_size}
+
+
+def headline(task: dict[str, Any]) -> tuple[float, float | None]:
+    """A task's headline figure and its stderr: acc_norm where the task has it (ARC, PIQA, HellaSwag), else acc."""
+    if task.get("acc_norm") is not None:
+        return task["acc_norm"], task["acc_norm_stderr"]
+    return task["acc"], task["acc_stderr"]
 
 
 def _check(limit: int | None, fewshot: int, batch_size: int) -> None:

@@ -343,7 +343,9 @@ def _markdown(out: Path, r: dict[str, Any], table: Path) -> str:
 
 def _acc(t: dict[str, Any]) -> str:
     """acc_norm (else acc) ± its standard error."""
-    v, se = (t["acc_norm"], t["acc_norm_stderr"]) if t.get("acc_norm") is not None else (t["acc"], t["acc_stderr"])
+    from .lmeval import headline
+
+    v, se = headline(t)
     return f"{v:.3f} ± {se:.3f}" if se is not None else f"{v:.3f}"
 
 
