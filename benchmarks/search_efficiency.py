@@ -1,104 +1,174 @@
 """Search efficiency on the default model: quality-evaluation cost and ranking, and LINAS vs NSGA-II vs random.
 
-1. Cost of one quality evaluation (KL to the full model on the search's calibration tokens).
-2. Does calibration KL rank sub-networks as a downstream task does? Kendall tau between KL and
-   LAMBADA last-word accuracy (test split, never seen by the search) for 20 sub-networks spread over
-   the size range.
-3. Hypervolume of `nsga2` with `--nsga2-evals` real evaluations against `linas` and `random` with
-   `--linas-evals`, averaged over seeds, at one latency budget on one table.
+1. `ranking`: cost of one quality evaluation (KL to the full model, int8 emulated as the search does
+   against an onnxruntime int8 table) at each calibration size, and whether it ranks sub-networks as
+   the downstream tasks do: Kendall tau between KL and mean lm-eval accuracy (ARC-Easy, PIQA,
+   HellaSwag, LAMBADA; `--rank-items` each, int8 emulated) over 20 sub-networks in the range a search
+   explores (predicted decode 60-95% of the full model's, plus layer-drop and width-uniform ones).
+2. `hv`: hypervolume of `nsga2` with `--nsga2-evals` real evaluations against `linas` and `random` with
+   `--linas-evals`, averaged over seeds, at one latency budget on one table, and minutes per run.
 
-Writes benchmarks/results/search_efficiency.{json,md}.
+Each part checkpoints under `--work` and resumes. Writes benchmarks/results/search_efficiency.{json,md}.
 
     .venv/bin/python benchmarks/search_efficiency.py --table latency_tables/smollm2-135m__*__onnxruntime-int8.json
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import statistics
 import time
 from pathlib import Path
 
+import numpy as np
+
 import hwnas  # noqa: F401  (keeps caches inside the project)
+from hwnas.baselines import layer_drop, width_candidates
 from hwnas.common import atomic_write_json, atomic_write_text
-from hwnas.data import lambada_items
-from hwnas.evaluate import lambada_accuracy
-from hwnas.search import quality_context, run_search
-from hwnas.validation import spread_configs
+from hwnas.lmeval import evaluate_model
+from hwnas.search import KLQuality, calibration_ids, run_search, setup, shrunk_to
+from hwnas.space import SubnetConfig
+
+MODEL = "smollm2-135m"
+RANK_TASKS = ("arc_easy", "piqa", "hellaswag", "lambada")
 
 
-def main(table: Path, seeds: list[int], nsga2_evals: int, linas_evals: int, population: int, ratio: float,
-         rank_nets: int, rank_items: int, sequences: int, seq_len: int, work: Path, out_dir: Path) -> dict:
-    from scipy.stats import kendalltau
+def ranking_configs(sp, n: int, seed: int) -> list[tuple[str, SubnetConfig]]:
+    """Layer-drop and full-head width-uniform at 0.9/0.8/0.7 of the full model's predicted latency, and
+    `n - 6` sub-networks with every gene shrunk by its own random share to predicted ratios 0.60-0.95."""
+    enc, obj = sp.encoder, sp.objectives
+    full = obj.latency(sp.supernet.search_space.max_config())
+    rng = np.random.default_rng(seed)
+    out = []
+    for r in np.linspace(0.60, 0.95, n - 6):
+        out.append((f"shrunk {r:.2f}", enc.decode(shrunk_to(enc, obj.latency, rng.random(enc.n_var), r * full))))
+    for r in (0.9, 0.8, 0.7):
+        sub = dataclasses.replace(sp, objectives=dataclasses.replace(obj, latency_budget=r * full))
+        out.append((f"layer-drop {r}", layer_drop(sub)))
+        out.append((f"width-uniform {r}", max(width_candidates(sub), key=lambda c: c.heads[0])))
+    return out
 
-    sn, quality = quality_context("smollm2-135m", sequences, seq_len)
-    cfgs = spread_configs(sn.search_space, rank_nets, seed=123)
-    items = lambada_items("test")[:rank_items]
-    previous = out_dir / "search_efficiency.json"
-    old = json.loads(previous.read_text()) if previous.is_file() else {}
-    same = old.get("ranking", {}).get("subnets") == len(cfgs) and old["ranking"].get("lambada_items") == len(items) \
-        and old.get("calibration_tokens") == f"{sequences}x{seq_len}"
-    if same:  # the ranking study takes ~10 min: reuse it when its settings are unchanged
-        kls, accs = old["ranking"]["kl"], old["ranking"]["acc"]
-        times = old.get("quality_eval_seconds", [old["quality_eval_seconds_median"]])
-    else:
-        times, kls, accs = [], [], []
-        for cfg in cfgs:
+
+def ranking(table: Path, n: int, items: int, sizes: list[int], seq_len: int, work: Path) -> dict:
+    from scipy.stats import kendalltau, spearmanr
+
+    sp = setup(model=MODEL, table=str(table), latency_ratio=0.8, sequences=sizes[0], seq_len=seq_len)
+    sn, quant = sp.supernet, sp.objectives.quality.quant
+    qualities = {f"{s}x{seq_len}": KLQuality(sn, calibration_ids(sn.tokenizer, s, seq_len), quant=quant) for s in sizes}
+    full_lat = sp.objectives.latency(sn.search_space.max_config())
+    state_file = work / "ranking.json"
+    settings = {"table": str(table), "n": n, "items": items, "sizes": sizes, "seq_len": seq_len, "tasks": RANK_TASKS}
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    rows = state.get("rows", []) if state.get("settings") == json.loads(json.dumps(settings)) else []
+    for name, cfg in ranking_configs(sp, n, seed=7)[len(rows):]:
+        row = {"name": name, "config": cfg.to_dict(), "layers": len(cfg.layers),
+               "predicted_ratio": sp.objectives.latency(cfg) / full_lat, "kl": {}, "kl_seconds": {}}
+        for key, q in qualities.items():
             t0 = time.perf_counter()
-            kls.append(quality(cfg))
-            times.append(time.perf_counter() - t0)
-            sn.set_active(cfg)
-            accs.append(lambada_accuracy(sn, sn.tokenizer, items, progress=False)["acc"])
-    tau = kendalltau(kls, accs).statistic
+            row["kl"][key] = q(cfg)
+            row["kl_seconds"][key] = time.perf_counter() - t0
+        sn.set_active(cfg, quant=quant)  # lm-eval scores the int8-emulated sub-network
+        res = evaluate_model(sn.model, sn.tokenizer, RANK_TASKS, limit=items, batch_size=8, progress=False)
+        row["mean_acc"] = res["mean_acc_norm_or_acc"]
+        row["tasks"] = {k: v["acc_norm"] if v["acc_norm"] is not None else v["acc"] for k, v in res["tasks"].items()}
+        rows.append(row)
+        atomic_write_json(state_file, {"settings": settings, "rows": rows})
+        print(f"{name}: layers {row['layers']}, pred {row['predicted_ratio']:.2f}, KL {row['kl']}, acc {row['mean_acc']:.3f}")
+    acc = [r["mean_acc"] for r in rows]
+    per_size = {}
+    for key in qualities:
+        kl = [r["kl"][key] for r in rows]
+        per_size[key] = {"kendall_tau": kendalltau(kl, acc).statistic, "spearman": spearmanr(kl, acc).statistic,
+                         "seconds_median": statistics.median(r["kl_seconds"][key] for r in rows)}
+    return {"subnets": len(rows), "items_per_task": items, "tasks": list(RANK_TASKS), "batch_size": 8,
+            "emulation": "onnxruntime int8 (OrtInt8)", "per_calibration_size": per_size, "rows": rows}
+
+
+def hv_runs(table: Path, seeds: list[int], nsga2_evals: int, linas_evals: int, population: int, ratio: float,
+            sequences: int, seq_len: int, work: Path) -> dict:
     runs = {}
     for algo, n in (("nsga2", nsga2_evals), ("linas", linas_evals), ("random", linas_evals)):
         for seed in seeds:
             t0 = time.perf_counter()
-            r = run_search(model="smollm2-135m", table=str(table), algorithm=algo, evaluations=n, population=population,
+            r = run_search(model=MODEL, table=str(table), algorithm=algo, evaluations=n, population=population,
                            latency_ratio=ratio, seed=seed, out=str(work / f"{algo}-{n}-s{seed}"), sequences=sequences,
-                           seq_len=seq_len, resume=True)
+                           seq_len=seq_len, resume=True, progress=False)
             runs.setdefault(algo, []).append({"seed": seed, "evaluations": n, "hypervolume": r["hypervolume"],
                                               "seconds": time.perf_counter() - t0})
     hv = {a: statistics.mean(x["hypervolume"] for x in v) for a, v in runs.items()}
-    result = {
-        "date": datetime.date.today().isoformat(), "table": str(table), "latency_ratio": ratio, "population": population,
-        "calibration_tokens": f"{sequences}x{seq_len}",
-        "quality_eval_seconds_median": statistics.median(times), "quality_eval_seconds": times,
-        "ranking": {"subnets": len(cfgs), "lambada_items": len(items), "kendall_tau_kl_vs_acc": tau,
-                    "kl": kls, "acc": accs},
-        "runs": runs, "mean_hypervolume": hv,
-        "linas_over_nsga2": hv["linas"] / hv["nsga2"] if hv["nsga2"] else None,
-    }
-    atomic_write_json(out_dir / "search_efficiency.json", result)
-    md = [f"Search efficiency ({result['date']}, table `{Path(table).name}`, latency ratio {ratio})", "",
-          f"- one quality evaluation ({sequences}x{seq_len} tokens): {result['quality_eval_seconds_median']:.2f} s (median)",
-          f"- Kendall tau, calibration KL vs LAMBADA accuracy ({len(items)} test items), {len(cfgs)} sub-networks: "
-          f"{tau:.3f} (negative = lower KL, higher accuracy)", "",
-          "| algorithm | real evaluations | seeds | mean hypervolume | minutes per run (runs not resumed) |", "|---|---|---|---|---|"]
-    for a, v in runs.items():
-        fresh = [x["seconds"] for x in v if x["seconds"] > 5] or [float("nan")]  # resumed runs take no time
-        md.append(f"| {a} | {v[0]['evaluations']} | {len(v)} | {hv[a]:.4f} | {statistics.mean(fresh) / 60:.1f} |")
-    md.append(f"\nlinas / nsga2 hypervolume: {result['linas_over_nsga2']:.3f}")
-    atomic_write_text(out_dir / "search_efficiency.md", "\n".join(md) + "\n")
-    print("\n".join(md))
+    return {"latency_ratio": ratio, "population": population, "calibration_tokens": f"{sequences}x{seq_len}",
+            "runs": runs, "mean_hypervolume": hv, "linas_over_nsga2": hv["linas"] / hv["nsga2"] if hv["nsga2"] else None}
+
+
+def markdown(result: dict) -> str:
+    md = [f"Search efficiency (table `{Path(result['table']).name}`)", ""]
+    rk = result.get("ranking")
+    if rk:
+        md += [f"Ranking ({rk.get('date', '')}): {rk['subnets']} sub-networks, lm-eval {', '.join(rk['tasks'])}, "
+               f"{rk['items_per_task']} items each, {rk['emulation']} emulated; Kendall tau between calibration KL and "
+               "mean accuracy (negative = lower KL, higher accuracy)", "",
+               "| calibration tokens | seconds per evaluation (median) | Kendall tau | Spearman |", "|---|---|---|---|"]
+        for key, v in rk["per_calibration_size"].items():
+            md.append(f"| {key} | {v['seconds_median']:.2f} | {v['kendall_tau']:.3f} | {v['spearman']:.3f} |")
+        keys = list(rk["per_calibration_size"])
+        md += ["", "| sub-network | layers | predicted decode ratio | " + " | ".join(f"KL {k}" for k in keys)
+               + " | mean acc |", "|---|---|---|" + "---|" * len(keys) + "---|"]
+        for r in sorted(rk["rows"], key=lambda r: r["kl"][keys[0]]):
+            md.append(f"| {r['name']} | {r['layers']} | {r['predicted_ratio']:.2f} | "
+                      + " | ".join(f"{r['kl'][k]:.2f}" for k in keys) + f" | {100 * r['mean_acc']:.1f} |")
+    hv = result.get("hv")
+    if hv:
+        md += ["", f"Hypervolume ({hv.get('date', '')}), latency ratio {hv['latency_ratio']}, population "
+               f"{hv['population']}, {hv['calibration_tokens']} calibration tokens", "",
+               "| algorithm | real evaluations | seeds | mean hypervolume (per seed) | minutes per run (runs not resumed) |",
+               "|---|---|---|---|---|"]
+        for a, v in hv["runs"].items():
+            fresh = [x["seconds"] for x in v if x["seconds"] > 5] or [float("nan")]  # resumed runs take no time
+            per = ", ".join(f"{x['hypervolume']:.3f}" for x in v)
+            md.append(f"| {a} | {v[0]['evaluations']} | {len(v)} | {hv['mean_hypervolume'][a]:.3f} ({per}) | "
+                      f"{statistics.mean(fresh) / 60:.1f} |")
+        md.append(f"\nlinas / nsga2 hypervolume: {hv['linas_over_nsga2']:.3f}")
+    return "\n".join(md) + "\n"
+
+
+def main(table: Path, parts: list[str], seeds: list[int], nsga2_evals: int, linas_evals: int, population: int,
+         ratio: float, rank_nets: int, rank_items: int, rank_sizes: list[int], sequences: int, seq_len: int,
+         work: Path, out_dir: Path) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "search_efficiency.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    result = {"table": str(table), **{k: old[k] for k in ("ranking", "hv") if k in old and old.get("table") == str(table)}}
+    today = datetime.date.today().isoformat()
+    if "ranking" in parts:
+        result["ranking"] = {"date": today, **ranking(table, rank_nets, rank_items, rank_sizes, seq_len, work)}
+    if "hv" in parts:
+        result["hv"] = {"date": today, **hv_runs(table, seeds, nsga2_evals, linas_evals, population, ratio,
+                                                 sequences, seq_len, work)}
+    atomic_write_json(path, result)
+    atomic_write_text(out_dir / "search_efficiency.md", markdown(result))
+    print(markdown(result))
     return result
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--table", type=Path, required=True)
+    p.add_argument("--parts", nargs="+", choices=["ranking", "hv"], default=["ranking", "hv"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--nsga2-evals", type=int, default=250)
     p.add_argument("--linas-evals", type=int, default=80)
     p.add_argument("--population", type=int, default=20)
     p.add_argument("--latency-ratio", type=float, default=0.8)
     p.add_argument("--rank-nets", type=int, default=20)
-    p.add_argument("--rank-items", type=int, default=200)
+    p.add_argument("--rank-items", type=int, default=100, help="lm-eval items per task (default 100)")
+    p.add_argument("--rank-sizes", type=int, nargs="+", default=[8, 32],
+                   help="calibration sequences compared; the first is the search's (default 8 32)")
     p.add_argument("--sequences", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--work", type=Path, default=Path("runs/search_efficiency"))
     p.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     a = p.parse_args()
-    main(a.table, a.seeds, a.nsga2_evals, a.linas_evals, a.population, a.latency_ratio, a.rank_nets, a.rank_items,
-         a.sequences, a.seq_len, a.work, a.out_dir)
+    main(a.table, a.parts, a.seeds, a.nsga2_evals, a.linas_evals, a.population, a.latency_ratio, a.rank_nets,
+         a.rank_items, a.rank_sizes, a.sequences, a.seq_len, a.work, a.out_dir)

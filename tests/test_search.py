@@ -199,3 +199,18 @@ def test_initial_population_is_seeded_with_structured_pruning_under_the_budget(t
     # the other six: three bisected to fit the budget, three anywhere from the full model down
     assert sum(obj.latency(c) <= 50.0 for c in cfgs) >= 5
     assert structured_seeds(enc, Objectives(None, obj.latency, obj.size), order) == []  # no budget: no seeds
+
+
+def test_shrunk_to_is_the_least_shrinking_that_fits_the_target(tiny_model):
+    from hwnas.search import shrunk_genes, shrunk_to
+
+    enc = GeneEncoder(_space(tiny_model))
+    latency = lambda c: sum(10 + w / 64 for w in c.mlp)  # noqa: E731
+    lo, hi = enc.bounds
+    u = np.random.default_rng(3).random(enc.n_var)
+    assert (shrunk_genes(enc, u, 0.0) == hi).all() and (shrunk_genes(enc, np.ones(enc.n_var), 1.0) == lo).all()
+    full = latency(enc.decode(hi))
+    assert (shrunk_to(enc, latency, u, full) == hi).all()  # nothing to shrink when the full model fits
+    x9, x6 = shrunk_to(enc, latency, u, 0.9 * full), shrunk_to(enc, latency, u, 0.6 * full)
+    assert latency(enc.decode(x9)) <= 0.9 * full and latency(enc.decode(x6)) <= 0.6 * full
+    assert (x6 <= x9).all() and (x9 <= hi).all() and (x6 != x9).any()

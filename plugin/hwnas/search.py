@@ -279,26 +279,34 @@ def initial_population(encoder: GeneEncoder, obj: Objectives, n: int, rng: np.ra
     their predicted latency at 90-100% of it (bisection on the predictor, no quality evaluation), the
     rest a uniform t, so the whole latency range stays covered.
     """
-    lo, hi = encoder.bounds
     seeds = structured_seeds(encoder, obj, layer_order)
     if len(seeds) > n // 2:
         seeds = [seeds[i] for i in np.unique(np.round(np.linspace(0, len(seeds) - 1, n // 2)).astype(int))]
-
-    def genes(u: np.ndarray, t: float) -> np.ndarray:
-        return hi - np.round(t * u * (hi - lo)).astype(int)
-
     X = list(seeds)
     for i in range(n - len(seeds)):
         u = rng.random(encoder.n_var)
         t = float(rng.random())
         if obj.latency_budget is not None and i % 2 == 0:
-            target, a, b = obj.latency_budget * rng.uniform(0.9, 1.0), 0.0, 1.0
-            for _ in range(16):  # latency falls as t grows: the smallest t under the target
-                mid = (a + b) / 2
-                a, b = (mid, b) if obj.latency(encoder.decode(genes(u, mid))) > target else (a, mid)
-            t = b
-        X.append(genes(u, t))
+            X.append(shrunk_to(encoder, obj.latency, u, obj.latency_budget * rng.uniform(0.9, 1.0)))
+        else:
+            X.append(shrunk_genes(encoder, u, t))
     return np.stack(X)
+
+
+def shrunk_genes(encoder: GeneEncoder, u: np.ndarray, t: float) -> np.ndarray:
+    """Every gene moved from the full model's value towards the smallest by its share `u` of intensity `t`."""
+    lo, hi = encoder.bounds
+    return hi - np.round(t * u * (hi - lo)).astype(int)
+
+
+def shrunk_to(encoder: GeneEncoder, latency: Callable[[SubnetConfig], float], u: np.ndarray,
+              target: float) -> np.ndarray:
+    """`shrunk_genes` with the smallest intensity whose predicted latency is at most `target` (bisection)."""
+    a, b = 0.0, 1.0
+    for _ in range(16):  # latency falls as t grows
+        mid = (a + b) / 2
+        a, b = (mid, b) if latency(encoder.decode(shrunk_genes(encoder, u, mid))) > target else (a, mid)
+    return shrunk_genes(encoder, u, b)
 
 
 def _nsga2(pop_size: int, seed: int, problem: Any, initial: np.ndarray | None = None):
