@@ -6,7 +6,10 @@
    HellaSwag, LAMBADA; `--rank-items` each, int8 emulated) over 20 sub-networks in the range a search
    explores (predicted decode 60-95% of the full model's, plus layer-drop and width-uniform ones).
 2. `hv`: hypervolume of `nsga2` with `--nsga2-evals` real evaluations against `linas` and `random` with
-   `--linas-evals`, averaged over seeds, at one latency budget on one table, and minutes per run.
+   `--linas-evals`, averaged over seeds, at one latency budget on one table, the lowest KL each finds under
+   the budget, and minutes per run.
+3. `predictor`: Kendall tau of LINAS's quality predictor on sub-networks it was not trained on, drawn
+   from everything the `hv` runs evaluated, against the predictor LINAS used before.
 
 Each part checkpoints under `--work` and resumes. Writes benchmarks/results/search_efficiency.{json,md}.
 
@@ -86,8 +89,54 @@ def ranking(table: Path, n: int, items: int, sizes: list[int], seq_len: int, wor
             "emulation": "onnxruntime int8 (OrtInt8)", "per_calibration_size": per_size, "rows": rows}
 
 
+def predictor_study(work: Path, sizes: tuple[int, ...] = (20, 40, 60), splits: int = 20, region: float = 4.0) -> dict:
+    """How well LINAS's quality predictor ranks sub-networks it has not seen, against the one used before
+    (gradient boosting of KL on the gene features alone): every sub-network the `hv` runs evaluated,
+    `splits` random splits per training size, Kendall tau on the held-out ones with KL below `region`."""
+    import csv
+
+    from scipy.stats import kendalltau
+    from sklearn.ensemble import GradientBoostingRegressor
+
+    from hwnas.search import GeneEncoder, config_features, fit_quality_predictor
+    from hwnas.supernet import Supernet
+
+    seen: dict[str, float] = {}
+    for f in sorted(work.glob("*/evaluations.csv")):
+        with open(f) as fh:
+            seen.update({r["config"]: float(r["kl"]) for r in csv.DictReader(fh)})
+    cfgs = [SubnetConfig.from_dict(json.loads(k)) for k in seen]
+    kl = np.array(list(seen.values()))
+    sn = Supernet.from_pretrained(MODEL)
+    enc = GeneEncoder(sn.search_space, mixed_precision=any(c.fp32_down for c in cfgs))
+    genes = np.stack([config_features(enc, c) for c in cfgs])
+    rich = np.stack([config_features(enc, c, sn.importance_lost(c)) for c in cfgs])
+
+    def before(X, y, seed):
+        m = GradientBoostingRegressor(n_estimators=200, max_depth=3, learning_rate=0.05, subsample=0.8,
+                                      random_state=seed).fit(X, y)
+        return m.predict
+
+    variants = {"gene features, gradient boosting (before)": (genes, before),
+                "importance features, boosting + ridge (now)": (rich, fit_quality_predictor)}
+    rng = np.random.default_rng(0)
+    taus: dict[str, dict[int, list[float]]] = {v: {n: [] for n in sizes} for v in variants}
+    for n in sizes:
+        for split in range(splits):
+            idx = rng.permutation(len(kl))
+            train, test = idx[:n], idx[n:]
+            test = test[kl[test] < region]
+            for name, (X, fit) in variants.items():
+                predict = fit(X[train], kl[train], split)
+                taus[name][n].append(kendalltau(predict(X[test]), kl[test]).statistic)
+    return {"subnets": len(kl), "splits": splits, "held_out_below_kl": region,
+            "kendall_tau": {v: {str(n): statistics.mean(t) for n, t in d.items()} for v, d in taus.items()}}
+
+
 def hv_runs(table: Path, seeds: list[int], nsga2_evals: int, linas_evals: int, population: int, ratio: float,
-            sequences: int, seq_len: int, work: Path) -> dict:
+            sequences: int, seq_len: int, work: Path, before: dict) -> dict:
+    """Each run resumes from `work` when it finished before; its time is then the one `before` recorded."""
+    timed = {(a, x["seed"], x["evaluations"]): x["seconds"] for a, v in before.get("runs", {}).items() for x in v}
     runs = {}
     for algo, n in (("nsga2", nsga2_evals), ("linas", linas_evals), ("random", linas_evals)):
         for seed in seeds:
@@ -95,11 +144,17 @@ def hv_runs(table: Path, seeds: list[int], nsga2_evals: int, linas_evals: int, p
             r = run_search(model=MODEL, table=str(table), algorithm=algo, evaluations=n, population=population,
                            latency_ratio=ratio, seed=seed, out=str(work / f"{algo}-{n}-s{seed}"), sequences=sequences,
                            seq_len=seq_len, resume=True, progress=False)
+            seconds = time.perf_counter() - t0
+            if seconds < 30 and (algo, seed, n) in timed:  # resumed a finished run
+                seconds = timed[algo, seed, n]
             runs.setdefault(algo, []).append({"seed": seed, "evaluations": n, "hypervolume": r["hypervolume"],
-                                              "seconds": time.perf_counter() - t0})
+                                              "best_kl": r["best"]["kl"] if r["best"] else None,
+                                              "seconds": seconds})
     hv = {a: statistics.mean(x["hypervolume"] for x in v) for a, v in runs.items()}
+    best = {a: statistics.mean(x["best_kl"] for x in v if x["best_kl"] is not None) for a, v in runs.items()}
     return {"latency_ratio": ratio, "population": population, "calibration_tokens": f"{sequences}x{seq_len}",
-            "runs": runs, "mean_hypervolume": hv, "linas_over_nsga2": hv["linas"] / hv["nsga2"] if hv["nsga2"] else None}
+            "runs": runs, "mean_hypervolume": hv, "mean_best_kl": best,
+            "linas_over_nsga2": hv["linas"] / hv["nsga2"] if hv["nsga2"] else None}
 
 
 def markdown(result: dict) -> str:
@@ -118,17 +173,26 @@ def markdown(result: dict) -> str:
         for r in sorted(rk["rows"], key=lambda r: r["kl"][keys[0]]):
             md.append(f"| {r['name']} | {r['layers']} | {r['predicted_ratio']:.2f} | "
                       + " | ".join(f"{r['kl'][k]:.2f}" for k in keys) + f" | {100 * r['mean_acc']:.1f} |")
+    pr = result.get("predictor")
+    if pr:
+        sizes = list(next(iter(pr["kendall_tau"].values())))
+        md += ["", f"LINAS quality predictor ({pr.get('date', '')}): Kendall tau on held-out sub-networks below KL "
+               f"{pr['held_out_below_kl']}, mean of {pr['splits']} random splits of the {pr['subnets']} the runs evaluated", "",
+               "| predictor | " + " | ".join(f"trained on {n}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
+        for name, t in pr["kendall_tau"].items():
+            md.append(f"| {name} | " + " | ".join(f"{t[n]:.3f}" for n in sizes) + " |")
     hv = result.get("hv")
     if hv:
         md += ["", f"Hypervolume ({hv.get('date', '')}), latency ratio {hv['latency_ratio']}, population "
                f"{hv['population']}, {hv['calibration_tokens']} calibration tokens", "",
-               "| algorithm | real evaluations | seeds | mean hypervolume (per seed) | minutes per run (runs not resumed) |",
-               "|---|---|---|---|---|"]
+               "| algorithm | real evaluations | seeds | mean hypervolume (per seed) | lowest KL under the budget, "
+               "mean (per seed) | minutes per run |", "|---|---|---|---|---|---|"]
         for a, v in hv["runs"].items():
-            fresh = [x["seconds"] for x in v if x["seconds"] > 5] or [float("nan")]  # resumed runs take no time
             per = ", ".join(f"{x['hypervolume']:.3f}" for x in v)
+            kls = ", ".join("-" if x.get("best_kl") is None else f"{x['best_kl']:.2f}" for x in v)
+            best = hv.get("mean_best_kl", {}).get(a)
             md.append(f"| {a} | {v[0]['evaluations']} | {len(v)} | {hv['mean_hypervolume'][a]:.3f} ({per}) | "
-                      f"{statistics.mean(fresh) / 60:.1f} |")
+                      f"{'-' if best is None else f'{best:.2f}'} ({kls}) | {statistics.mean(x['seconds'] for x in v) / 60:.1f} |")
         md.append(f"\nlinas / nsga2 hypervolume: {hv['linas_over_nsga2']:.3f}")
     return "\n".join(md) + "\n"
 
@@ -139,13 +203,16 @@ def main(table: Path, parts: list[str], seeds: list[int], nsga2_evals: int, lina
     work.mkdir(parents=True, exist_ok=True)
     path = out_dir / "search_efficiency.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
-    result = {"table": str(table), **{k: old[k] for k in ("ranking", "hv") if k in old and old.get("table") == str(table)}}
+    result = {"table": str(table),
+              **{k: old[k] for k in ("ranking", "predictor", "hv") if k in old and old.get("table") == str(table)}}
     today = datetime.date.today().isoformat()
     if "ranking" in parts:
         result["ranking"] = {"date": today, **ranking(table, rank_nets, rank_items, rank_sizes, seq_len, work)}
     if "hv" in parts:
         result["hv"] = {"date": today, **hv_runs(table, seeds, nsga2_evals, linas_evals, population, ratio,
-                                                 sequences, seq_len, work)}
+                                                 sequences, seq_len, work, result.get("hv", {}))}
+    if "predictor" in parts:
+        result["predictor"] = {"date": today, **predictor_study(work)}
     atomic_write_json(path, result)
     atomic_write_text(out_dir / "search_efficiency.md", markdown(result))
     print(markdown(result))
@@ -155,7 +222,7 @@ def main(table: Path, parts: list[str], seeds: list[int], nsga2_evals: int, lina
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--table", type=Path, required=True)
-    p.add_argument("--parts", nargs="+", choices=["ranking", "hv"], default=["ranking", "hv"])
+    p.add_argument("--parts", nargs="+", choices=["ranking", "hv", "predictor"], default=["ranking", "hv", "predictor"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--nsga2-evals", type=int, default=250)
     p.add_argument("--linas-evals", type=int, default=80)

@@ -122,6 +122,34 @@ def test_activation_shares_weights_without_copies(tiny_model):
     assert len(sn.model.model.layers) == 1 and sn.model.model.layers[0].self_attn.layer_idx == 0
 
 
+def test_importance_lost_is_what_the_active_prefixes_cut(variant_dir):
+    model, tok = load_model(variant_dir)
+    sn = Supernet(model, tok)
+    cfg0 = configs(sn)[0]
+    assert sn.importance_lost(cfg0) is None  # not calibrated: no scores
+    torch.manual_seed(1)
+    batch = torch.randint(0, model.config.vocab_size, (4, 32))
+    sn.calibrate(batch)
+    cfgs = configs(sn)
+    lost = [sn.importance_lost(c) for c in cfgs]
+    assert (sn.importance_lost(sn.search_space.max_config()) == 0).all()
+    # the same scores measured again on the reordered weights: the kept units are the prefixes set_active uses
+    again = sn.calibrate(batch)
+    group = model.config.num_attention_heads // model.config.num_key_value_heads
+    for cfg, got in zip(cfgs, lost):
+        assert got.shape == (3, model.config.num_hidden_layers)
+        for layer in range(model.config.num_hidden_layers):
+            if layer not in cfg.layers:
+                assert got[:, layer] == pytest.approx([again["block_influence"][layer], 0, 0])
+                continue
+            i = cfg.layers.index(layer)
+            ms, hs = torch.tensor(again["mlp_scores"][layer]), torch.tensor(again["head_scores"][layer])
+            kept_heads = hs.view(-1, group)[:cfg.kv_heads[i], :cfg.heads[i] // cfg.kv_heads[i]].sum()
+            want = [0, 1 - float(ms[:cfg.mlp[i]].sum() / ms.sum()), 1 - float(kept_heads / hs.sum())]
+            assert got[:, layer] == pytest.approx(want, abs=1e-5)
+    assert any(got[1].max() > 0 for got in lost) and any(got[2].max() > 0 for got in lost)
+
+
 def test_mha_prunes_whole_kv_groups_per_layer(tiny_models):
     sn = calibrated(tiny_models["mha"])
     assert sn.search_space.q_per_kv_choices == (1,) and sn.search_space.kv_head_choices == (1, 2, 3, 4)

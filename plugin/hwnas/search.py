@@ -324,14 +324,33 @@ def _nsga2(pop_size: int, seed: int, problem: Any, initial: np.ndarray | None = 
     return algo
 
 
-def config_features(encoder: GeneEncoder, cfg: SubnetConfig) -> np.ndarray:
+def config_features(encoder: GeneEncoder, cfg: SubnetConfig, lost: np.ndarray | None = None) -> np.ndarray:
     """Per layer: kept, relative MLP width, relative head count and, with mixed precision, fp32 down_proj
-    (0 for dropped layers)."""
+    (0 for dropped layers). With `lost` (`Supernet.importance_lost(cfg)`), also its rows and their sums
+    and sums of squares: what the sub-network cuts, in importance."""
     L, s, n = encoder.space.num_layers, encoder.space, encoder.genes_per_layer
     f = np.zeros((n, L))
     for layer, w, h, fp32 in zip(cfg.layers, cfg.mlp, cfg.heads, cfg.fp32_down_mask):
         f[:, layer] = (1.0, w / s.mlp_choices[-1], h / encoder.head_options[-1][0], float(fp32))[:n]
-    return f.ravel()
+    if lost is None:
+        return f.ravel()
+    return np.concatenate([f.ravel(), lost.ravel(), lost.sum(1), (lost ** 2).sum(1)])
+
+
+def fit_quality_predictor(X: np.ndarray, kl: np.ndarray, seed: int) -> Callable[[np.ndarray], np.ndarray]:
+    """LINAS's quality predictor: the mean of a gradient-boosting and a ridge regressor of log KL.
+
+    Each alone ranks held-out sub-networks worse than their mean (`benchmarks/search_efficiency.py
+    --parts predictor` measures it against the gene-features-only gradient boosting used before).
+    """
+    from sklearn.ensemble import GradientBoostingRegressor
+    from sklearn.linear_model import RidgeCV
+
+    y = np.log(np.asarray(kl, dtype=float) + 0.01)
+    boost = GradientBoostingRegressor(n_estimators=200, max_depth=3, learning_rate=0.05, subsample=0.8,
+                                      random_state=seed).fit(X, y)
+    ridge = RidgeCV(alphas=np.logspace(-3, 3, 13)).fit(X, y)
+    return lambda F: (boost.predict(F) + ridge.predict(F)) / 2
 
 
 class LinasState:
@@ -344,12 +363,15 @@ class LinasState:
 
 
 def linas_step(ev: Evaluator, state: LinasState, pop_size: int, inner_generations: int = 50,
-               inner_pop: int = 100) -> int:
-    """One LINAS iteration: the first evaluates a random population; later ones fit a quality predictor
-    on everything evaluated, run NSGA-II on it, and evaluate up to `pop_size` new front members."""
+               inner_pop: int = 100, lost: Callable[[SubnetConfig], np.ndarray | None] | None = None) -> int:
+    """One LINAS iteration: the first evaluates the initial population; later ones fit a quality predictor
+    on everything evaluated, run NSGA-II on it, and evaluate up to `pop_size` new front members.
+
+    The predictor (`fit_quality_predictor`) sees `config_features` with what each sub-network cuts in
+    importance (`lost`, the supernet's `importance_lost`).
+    """
     from pymoo.core.evaluator import Evaluator as PymooEvaluator
     from pymoo.core.problem import Problem
-    from sklearn.ensemble import GradientBoostingRegressor
 
     lo, hi = ev.encoder.bounds
     gen = state.iteration
@@ -359,18 +381,19 @@ def linas_step(ev: Evaluator, state: LinasState, pop_size: int, inner_generation
         ev.evaluate(X, gen)
         state.iteration += 1
         return ev.used - before
-    X_seen = np.stack([config_features(ev.encoder, e.config) for e in ev.order])
-    y_seen = np.array([e.quality for e in ev.order])
-    model = GradientBoostingRegressor(n_estimators=200, max_depth=3, learning_rate=0.05, subsample=0.8,
-                                      random_state=int(state.rng.integers(1 << 31)))
-    model.fit(X_seen, y_seen)
     enc, obj = ev.encoder, ev.obj
+
+    def features(cfgs: list[SubnetConfig]) -> np.ndarray:
+        return np.stack([config_features(enc, c, None if lost is None else lost(c)) for c in cfgs])
+
+    predict = fit_quality_predictor(features([e.config for e in ev.order]), np.array([e.quality for e in ev.order]),
+                                    seed=int(state.rng.integers(1 << 31)))
     n_g = len(obj.constraints(0.0, 0.0))
 
     class Surrogate(Problem):
         def _evaluate(self, X, out, *args, **kwargs):
             cfgs = [enc.decode(x) for x in X]
-            q = model.predict(np.stack([config_features(enc, c) for c in cfgs]))
+            q = predict(features(cfgs))
             lat = np.array([obj.latency(c) for c in cfgs])
             size = np.array([obj.size(c) for c in cfgs])
             out["F"] = np.stack([q, lat, size], 1)
@@ -550,7 +573,7 @@ def run_search(*, model: str = "smollm2-135m", table: str, algorithm: str = "nsg
                 pop.set("F", F, "G", G) if G.shape[1] else pop.set("F", F)
                 algo.tell(infills=pop)
             elif algorithm == "linas":
-                linas_step(ev, algo, population)
+                linas_step(ev, algo, population, lost=sn.importance_lost)
             else:
                 lo, hi = encoder.bounds
                 ev.evaluate(algo.rng.integers(lo, hi + 1, size=(population, encoder.n_var)), generation)

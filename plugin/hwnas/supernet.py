@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -161,6 +162,7 @@ class Supernet(nn.Module):
                     setattr(parent, n, ElasticLinear(getattr(parent, n)))
         model.lm_head = ElasticLinear(model.lm_head)  # the same (possibly tied) weight; quantized under `quant`
         self.layer_importance: list[float] | None = None  # Block Influence per layer, once calibrated
+        self._cut: list[tuple[np.ndarray, np.ndarray]] | None = None  # per layer, see importance_lost
         self._active: SubnetConfig | None = None
         self._quant: OrtInt8 | None = None
         self.set_max()
@@ -308,6 +310,19 @@ class Supernet(nn.Module):
             self.set_active(previous, quant=quant)
 
     # -- importance ---------------------------------------------------------------------------
+    def importance_lost(self, cfg: SubnetConfig) -> np.ndarray | None:
+        """What `cfg` cuts, per layer of the full stack, as a (3, layers) array: the Block Influence of a
+        dropped layer, and for a kept one the share of its MLP channel score and of its head score that
+        its width and head count remove. None before calibration (no scores)."""
+        if self._cut is None or self.layer_importance is None:
+            return None
+        out = np.zeros((3, len(self.all_layers)))
+        out[0] = self.layer_importance
+        for idx, mlp, heads, kv in zip(cfg.layers, cfg.mlp, cfg.heads, cfg.kv_heads):
+            mlp_cut, head_cut = self._cut[idx]
+            out[:, idx] = (0.0, mlp_cut[mlp], head_cut[kv, heads // kv])  # the prefixes set_active keeps
+        return out
+
     @torch.no_grad()
     def calibrate(self, input_ids: torch.Tensor, batch_size: int = 4) -> dict[str, Any]:
         """Score channels and heads on `input_ids` and reorder the weights by importance.
@@ -401,6 +416,16 @@ class Supernet(nn.Module):
             _permute(a.k_proj, rows=kv_rows)
             _permute(a.v_proj, rows=kv_rows)
         self.layer_importance = list(order.get("block_influence") or []) or None
+        self._cut = None
+        if order.get("mlp_scores") and order.get("head_scores"):  # orders cached before the scores were kept lack them
+            group = c.num_attention_heads // c.num_key_value_heads
+            self._cut = []
+            for ms, hs, mlp_perm, head_perm in zip(order["mlp_scores"], order["head_scores"], order["mlp"], order["heads"]):
+                ms, hs = np.asarray(ms)[mlp_perm], np.asarray(hs)[head_perm].reshape(-1, group)  # in weight order
+                mlp_kept = np.concatenate([[0.0], ms.cumsum()])  # [channels]: score kept
+                head_kept = np.zeros((hs.shape[0] + 1, group + 1))  # [kv groups, heads per group]: score kept
+                head_kept[1:, 1:] = hs.cumsum(0).cumsum(1)
+                self._cut.append((1 - mlp_kept / max(mlp_kept[-1], 1e-30), 1 - head_kept / max(head_kept[-1, -1], 1e-30)))
         self.set_active(self.active_config, quant=self.active_quant)
 
 
