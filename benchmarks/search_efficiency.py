@@ -203,8 +203,9 @@ def main(table: Path, parts: list[str], seeds: list[int], nsga2_evals: int, lina
     work.mkdir(parents=True, exist_ok=True)
     path = out_dir / "search_efficiency.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
-    result = {"table": str(table),
-              **{k: old[k] for k in ("ranking", "predictor", "hv") if k in old and old.get("table") == str(table)}}
+    kept = {"ranking": "per_calibration_size", "predictor": "kendall_tau", "hv": "runs"}  # parts, by a key of theirs
+    result = {"table": str(table), **{k: old[k] for k, key in kept.items()
+                                      if key in old.get(k, {}) and old.get("table") == str(table)}}
     today = datetime.date.today().isoformat()
     if "ranking" in parts:
         result["ranking"] = {"date": today, **ranking(table, rank_nets, rank_items, rank_sizes, seq_len, work)}

@@ -100,6 +100,7 @@ def test_search_writes_its_outputs_within_budget(algorithm, tiny_model, tiny_tab
         assert not any((q <= f).all() and (q < f).any() for q in pts)
     assert len(pareto["front"]) == int(pareto_mask(pts).sum())
     assert summary["hypervolume"] > 0 and summary["front_size"] == len(pareto["front"])
+    assert r["best"]["kl"] == min(float(row["kl"]) for row in rows if row["feasible"] == "1")
     assert (tmp_path / "pareto.png").stat().st_size > 10_000
 
 

@@ -664,7 +664,7 @@ def write_outputs(out: Any, ev: Evaluator, *, full_latency: float, full_size: fl
     atomic_write_json(out / "summary.json", summary)
     pareto_plot(ev, front, full_latency, out / "pareto.png", budget=ev.obj.latency_budget)
     return {"out": str(out), "evaluations": ev.used, "front_size": len(front), "hypervolume": hv,
-            "best": pareto[-1] if pareto else None}
+            "best": min(pareto, key=lambda m: m["kl"], default=None)}  # the slowest member may not be: size counts
 
 
 def pareto_plot(ev: Evaluator, front: list[Evaluated], full_latency: float, path: Any, *, budget: float | None) -> None:
