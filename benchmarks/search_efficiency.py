@@ -36,6 +36,7 @@ from hwnas.space import SubnetConfig
 
 MODEL = "smollm2-135m"
 RANK_TASKS = ("arc_easy", "piqa", "hellaswag", "lambada")
+USEFUL_KL = 4.0  # above it, sub-networks score near chance on every task (see the ranking rows)
 
 
 def ranking_configs(sp, n: int, seed: int) -> list[tuple[str, SubnetConfig]]:
@@ -78,15 +79,19 @@ def ranking(table: Path, n: int, items: int, sizes: list[int], seq_len: int, wor
         row["tasks"] = {k: v["acc_norm"] if v["acc_norm"] is not None else v["acc"] for k, v in res["tasks"].items()}
         rows.append(row)
         atomic_write_json(state_file, {"settings": settings, "rows": rows})
-        print(f"{name}: layers {row['layers']}, pred {row['predicted_ratio']:.2f}, KL {row['kl']}, acc {row['mean_acc']:.3f}")
+        print(f"{name}: layers {row['layers']}, pred {row['predicted_ratio']:.2f}, KL {row['kl']}, "
+              f"acc {row['mean_acc']:.3f}")
     acc = [r["mean_acc"] for r in rows]
+    useful = [i for i, r in enumerate(rows) if r["kl"][next(iter(qualities))] < USEFUL_KL]
     per_size = {}
     for key in qualities:
         kl = [r["kl"][key] for r in rows]
         per_size[key] = {"kendall_tau": kendalltau(kl, acc).statistic, "spearman": spearmanr(kl, acc).statistic,
+                         "kendall_tau_useful": kendalltau([kl[i] for i in useful], [acc[i] for i in useful]).statistic,
                          "seconds_median": statistics.median(r["kl_seconds"][key] for r in rows)}
     return {"subnets": len(rows), "items_per_task": items, "tasks": list(RANK_TASKS), "batch_size": 8,
-            "emulation": "onnxruntime int8 (OrtInt8)", "per_calibration_size": per_size, "rows": rows}
+            "emulation": "onnxruntime int8 (OrtInt8)", "useful_below_kl": USEFUL_KL, "useful_subnets": len(useful),
+            "per_calibration_size": per_size, "rows": rows}
 
 
 def predictor_study(work: Path, sizes: tuple[int, ...] = (20, 40, 60), splits: int = 20, region: float = 4.0) -> dict:
@@ -163,10 +168,13 @@ def markdown(result: dict) -> str:
     if rk:
         md += [f"Ranking ({rk.get('date', '')}): {rk['subnets']} sub-networks, lm-eval {', '.join(rk['tasks'])}, "
                f"{rk['items_per_task']} items each, {rk['emulation']} emulated; Kendall tau between calibration KL and "
-               "mean accuracy (negative = lower KL, higher accuracy)", "",
-               "| calibration tokens | seconds per evaluation (median) | Kendall tau | Spearman |", "|---|---|---|---|"]
+               "mean accuracy (negative = lower KL, higher accuracy), over all and over the "
+               f"{rk['useful_subnets']} below KL {rk['useful_below_kl']} (search's calibration size)", "",
+               "| calibration tokens | seconds per evaluation (median) | Kendall tau | Spearman | Kendall tau below KL "
+               f"{rk['useful_below_kl']} |", "|---|---|---|---|---|"]
         for key, v in rk["per_calibration_size"].items():
-            md.append(f"| {key} | {v['seconds_median']:.2f} | {v['kendall_tau']:.3f} | {v['spearman']:.3f} |")
+            md.append(f"| {key} | {v['seconds_median']:.2f} | {v['kendall_tau']:.3f} | {v['spearman']:.3f} | "
+                      f"{v['kendall_tau_useful']:.3f} |")
         keys = list(rk["per_calibration_size"])
         md += ["", "| sub-network | layers | predicted decode ratio | " + " | ".join(f"KL {k}" for k in keys)
                + " | mean acc |", "|---|---|---|" + "---|" * len(keys) + "---|"]
@@ -177,7 +185,8 @@ def markdown(result: dict) -> str:
     if pr:
         sizes = list(next(iter(pr["kendall_tau"].values())))
         md += ["", f"LINAS quality predictor ({pr.get('date', '')}): Kendall tau on held-out sub-networks below KL "
-               f"{pr['held_out_below_kl']}, mean of {pr['splits']} random splits of the {pr['subnets']} the runs evaluated", "",
+               f"{pr['held_out_below_kl']}, mean of {pr['splits']} random splits of the {pr['subnets']} the runs "
+               "evaluated", "",
                "| predictor | " + " | ".join(f"trained on {n}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
         for name, t in pr["kendall_tau"].items():
             md.append(f"| {name} | " + " | ".join(f"{t[n]:.3f}" for n in sizes) + " |")
@@ -191,8 +200,9 @@ def markdown(result: dict) -> str:
             per = ", ".join(f"{x['hypervolume']:.3f}" for x in v)
             kls = ", ".join("-" if x.get("best_kl") is None else f"{x['best_kl']:.2f}" for x in v)
             best = hv.get("mean_best_kl", {}).get(a)
+            minutes = statistics.mean(x["seconds"] for x in v) / 60
             md.append(f"| {a} | {v[0]['evaluations']} | {len(v)} | {hv['mean_hypervolume'][a]:.3f} ({per}) | "
-                      f"{'-' if best is None else f'{best:.2f}'} ({kls}) | {statistics.mean(x['seconds'] for x in v) / 60:.1f} |")
+                      f"{'-' if best is None else f'{best:.2f}'} ({kls}) | {minutes:.1f} |")
         md.append(f"\nlinas / nsga2 hypervolume: {hv['linas_over_nsga2']:.3f}")
     return "\n".join(md) + "\n"
 

@@ -417,15 +417,17 @@ class Supernet(nn.Module):
             _permute(a.v_proj, rows=kv_rows)
         self.layer_importance = list(order.get("block_influence") or []) or None
         self._cut = None
-        if order.get("mlp_scores") and order.get("head_scores"):  # orders cached before the scores were kept lack them
+        if order.get("mlp_scores") and order.get("head_scores"):  # orders cached without scores lack them
             group = c.num_attention_heads // c.num_key_value_heads
             self._cut = []
-            for ms, hs, mlp_perm, head_perm in zip(order["mlp_scores"], order["head_scores"], order["mlp"], order["heads"]):
+            scores = zip(order["mlp_scores"], order["head_scores"], order["mlp"], order["heads"])
+            for ms, hs, mlp_perm, head_perm in scores:
                 ms, hs = np.asarray(ms)[mlp_perm], np.asarray(hs)[head_perm].reshape(-1, group)  # in weight order
                 mlp_kept = np.concatenate([[0.0], ms.cumsum()])  # [channels]: score kept
                 head_kept = np.zeros((hs.shape[0] + 1, group + 1))  # [kv groups, heads per group]: score kept
                 head_kept[1:, 1:] = hs.cumsum(0).cumsum(1)
-                self._cut.append((1 - mlp_kept / max(mlp_kept[-1], 1e-30), 1 - head_kept / max(head_kept[-1, -1], 1e-30)))
+                self._cut.append((1 - mlp_kept / max(mlp_kept[-1], 1e-30),
+                                  1 - head_kept / max(head_kept[-1, -1], 1e-30)))
         self.set_active(self.active_config, quant=self.active_quant)
 
 
