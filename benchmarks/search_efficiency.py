@@ -94,7 +94,8 @@ def ranking(table: Path, n: int, items: int, sizes: list[int], seq_len: int, wor
             "per_calibration_size": per_size, "rows": rows}
 
 
-def predictor_study(work: Path, sizes: tuple[int, ...] = (20, 40, 60), splits: int = 20, region: float = 4.0) -> dict:
+def predictor_study(work: Path, sizes: tuple[int, ...] = (20, 40, 60), splits: int = 20,
+                    region: float = USEFUL_KL) -> dict:
     """How well LINAS's quality predictor ranks sub-networks it has not seen, against the one used before
     (gradient boosting of KL on the gene features alone): every sub-network the `hv` runs evaluated,
     `splits` random splits per training size, Kendall tau on the held-out ones with KL below `region`."""
