@@ -30,7 +30,7 @@ import numpy as np
 import hwnas  # noqa: F401  (keeps caches inside the project)
 from hwnas.baselines import layer_drop, width_candidates
 from hwnas.common import atomic_write_json, atomic_write_text
-from hwnas.lmeval import evaluate_model
+from hwnas.lmeval import evaluate_model, headline
 from hwnas.search import KLQuality, calibration_ids, run_search, setup, shrunk_to
 from hwnas.space import SubnetConfig
 
@@ -63,9 +63,10 @@ def ranking(table: Path, n: int, items: int, sizes: list[int], seq_len: int, wor
     qualities = {f"{s}x{seq_len}": KLQuality(sn, calibration_ids(sn.tokenizer, s, seq_len), quant=quant) for s in sizes}
     full_lat = sp.objectives.latency(sn.search_space.max_config())
     state_file = work / "ranking.json"
-    settings = {"table": str(table), "n": n, "items": items, "sizes": sizes, "seq_len": seq_len, "tasks": RANK_TASKS}
+    settings = {"table": str(table), "n": n, "items": items, "sizes": list(sizes), "seq_len": seq_len,
+                "tasks": list(RANK_TASKS)}
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    rows = state.get("rows", []) if state.get("settings") == json.loads(json.dumps(settings)) else []
+    rows = state.get("rows", []) if state.get("settings") == settings else []
     for name, cfg in ranking_configs(sp, n, seed=7)[len(rows):]:
         row = {"name": name, "config": cfg.to_dict(), "layers": len(cfg.layers),
                "predicted_ratio": sp.objectives.latency(cfg) / full_lat, "kl": {}, "kl_seconds": {}}
@@ -76,7 +77,7 @@ def ranking(table: Path, n: int, items: int, sizes: list[int], seq_len: int, wor
         sn.set_active(cfg, quant=quant)  # lm-eval scores the int8-emulated sub-network
         res = evaluate_model(sn.model, sn.tokenizer, RANK_TASKS, limit=items, batch_size=8, progress=False)
         row["mean_acc"] = res["mean_acc_norm_or_acc"]
-        row["tasks"] = {k: v["acc_norm"] if v["acc_norm"] is not None else v["acc"] for k, v in res["tasks"].items()}
+        row["tasks"] = {k: headline(v)[0] for k, v in res["tasks"].items()}
         rows.append(row)
         atomic_write_json(state_file, {"settings": settings, "rows": rows})
         print(f"{name}: layers {row['layers']}, pred {row['predicted_ratio']:.2f}, KL {row['kl']}, "
