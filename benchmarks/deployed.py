@@ -148,7 +148,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or folder (default {DEFAULT_MODEL})")
     p.add_argument("--subnet", type=Path, required=True, help="sub-network config JSON, or a search's pareto.json")
-    p.add_argument("--pick", type=int, default=None, help="member of pareto.json (default: its lowest-KL member)")
+    p.add_argument("--pick", type=int, default=None, help="member of pareto.json (default: its selected winner, else its lowest-KL member)")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")

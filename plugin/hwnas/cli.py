@@ -156,6 +156,8 @@ def search(
     workers: int = 1,
     ray_address: str | None = None,
     resume: bool = False,
+    select: int = 6,
+    select_passages: int = 128,
     out: Path,
 ) -> dict[str, Any]:
     """Multi-objective search: KL to the full model against predicted latency and size."""
@@ -164,7 +166,7 @@ def search(
     return run_search(model=model, table=str(table), algorithm=algorithm, evaluations=evaluations,
                       population=population, latency_budget=latency_budget, latency_ratio=latency_ratio,
                       size_budget=size_budget, phase=phase, seed=seed, workers=workers, ray_address=ray_address,
-                      resume=resume, out=str(out))
+                      resume=resume, select=select, select_passages=select_passages, out=str(out))
 
 
 def baseline(*, method: str, model: str = DEFAULT_MODEL, table: Path, latency_ratio: float | None = None,
@@ -250,7 +252,8 @@ def _parser() -> argparse.ArgumentParser:
     c = cmd("export", export, "export a sub-network as a standalone Hugging Face checkpoint")
     model_arg(c)
     c.add_argument("--subnet", type=Path, required=True, help="sub-network config JSON, or a search's pareto.json")
-    c.add_argument("--pick", type=int, default=None, help="member of pareto.json (sorted by latency; default: the lowest KL)")
+    c.add_argument("--pick", type=int, default=None,
+                   help="member of pareto.json (sorted by latency; default: the search's selected winner, else the lowest KL)")
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     c = cmd("onnx", onnx, "export a checkpoint to ONNX (Optimum, KV cache), loadable with ORTModelForCausalLM")
@@ -323,6 +326,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--workers", type=int, default=1, help="Ray workers on this machine (default 1: no Ray)")
     c.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
     c.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
+    c.add_argument("--select", type=int, default=6,
+                   help="under a budget, choose the winner among the best sub-networks of this many depths by "
+                        "held-out LAMBADA last-word NLL (default 6; 0: the lowest KL)")
+    c.add_argument("--select-passages", type=int, default=128, help="held-out passages for --select (default 128)")
     c.add_argument("--out", type=Path, required=True)
     c = cmd("baseline", baseline, "a pruning baseline under the same latency target as the search, as a checkpoint")
     c.add_argument("--method", required=True, choices=["layer-drop", "width-uniform", "random"])

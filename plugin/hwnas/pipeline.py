@@ -223,7 +223,11 @@ def _stepper(out: Path, progress: bool) -> Callable[[str, Path, Callable[[], Any
 
 
 def _choose(pareto: dict[str, Any], latency_ratio: float) -> dict[str, Any]:
-    """The lowest-KL member of the front within the latency ratio (the search's constraint, checked again)."""
+    """The search's selected winner (`hwnas.selection`), else the lowest-KL member of the front, within the
+    latency ratio (the search's constraint, checked again); `index` is None for the selected one."""
+    sel = pareto.get("selected")
+    if sel is not None and sel["latency_ratio"] <= latency_ratio + 1e-9:
+        return dict(sel, index=None)
     members = [dict(m, index=i) for i, m in enumerate(pareto["front"]) if m["latency_ratio"] <= latency_ratio + 1e-9]
     if not members:
         raise HwnasError(f"the search found no sub-network within {latency_ratio} of the full model's latency")
@@ -294,6 +298,7 @@ def _markdown(out: Path, r: dict[str, Any], table: Path) -> str:
         f"- parameters: {r['parameters']['subnet']:,} of {r['parameters']['full']:,} "
         f"({r['parameters']['subnet'] / r['parameters']['full']:.1%})",
         f"- calibration KL to the full model: {c['kl']:.3f}; predicted latency ratio: {c['latency_ratio']:.3f}",
+        *([f"- chosen among the best of each depth by {c['selected_by']}: {c['nll']:.3f}"] if "nll" in c else []),
         "",
         "## Measured on this device",
         "",
@@ -331,7 +336,8 @@ def _markdown(out: Path, r: dict[str, Any], table: Path) -> str:
         f"hwnas search --model {a['model']} --table {table} --evaluations {r['budget']['evaluations']} "
         f"--population {r['budget']['population']} --latency-ratio {a['latency_ratio']} --phase {a['phase']} "
         f"--seed {a['seed']} --out {out / 'search'}",
-        f"hwnas export --model {a['model']} --subnet {out / 'search' / 'pareto.json'} --pick {c['index']} --out {out / 'subnet'}",
+        f"hwnas export --model {a['model']} --subnet {out / 'search' / 'pareto.json'}"
+        + ("" if c["index"] is None else f" --pick {c['index']}") + f" --out {out / 'subnet'}",
     ]
     if a["runtime"] != "torch":
         method = DEPLOY_METHODS.get((a["runtime"], a["precision"]))

@@ -506,8 +506,13 @@ def run_search(*, model: str = "smollm2-135m", table: str, algorithm: str = "nsg
                population: int = 20, latency_budget: float | None = None, latency_ratio: float | None = None,
                size_budget: float | None = None, phase: str = "decode", seed: int = 0, workers: int = 1,
                ray_address: str | None = None, resume: bool = False, out: str, sequences: int = 8,
-               seq_len: int = 128, progress: bool = True) -> dict[str, Any]:
-    """Search sub-networks of `model` trading KL to the full model against `table`'s predicted latency and size."""
+               seq_len: int = 128, select: int = 6, select_passages: int = 128,
+               progress: bool = True) -> dict[str, Any]:
+    """Search sub-networks of `model` trading KL to the full model against `table`'s predicted latency and size.
+
+    Under a budget, the winner is then chosen by `hwnas.selection` among the `select` best depths
+    (0: the lowest-KL feasible sub-network, as the front ranks them).
+    """
     import pickle
     from pathlib import Path
 
@@ -523,6 +528,8 @@ def run_search(*, model: str = "smollm2-135m", table: str, algorithm: str = "nsg
         raise HwnasError(f"--latency-ratio must be in (0, 1], got {latency_ratio}")
     if workers < 1:
         raise HwnasError(f"workers must be at least 1, got {workers}")
+    if select < 0 or select_passages < 1:
+        raise HwnasError(f"select must be >= 0 and select_passages >= 1, got {select} and {select_passages}")
     out = Path(out)
     args = {"model": model, "table": str(Path(table).resolve()), "algorithm": algorithm, "evaluations": evaluations,
             "population": population, "latency_budget": latency_budget, "latency_ratio": latency_ratio,
@@ -587,9 +594,14 @@ def run_search(*, model: str = "smollm2-135m", table: str, algorithm: str = "nsg
             best = min((e for e in ev.feasible()), key=lambda e: e.quality, default=None)
             if best:
                 bar.set_postfix_str(f"gen {generation} best KL {best.quality:.3f} at {best.latency_ms:.1f} ms")
-    report = write_outputs(out, ev, full_latency=lat(full), full_size=size(full),
-                           vocab=int(config["vocab_size"]), args=args, predictor=predictor)
-    return report
+    selected = None
+    if select and (obj.latency_budget is not None or obj.size_budget is not None) and ev.feasible():
+        from .selection import select as select_winner
+
+        selected = select_winner(sn, ev.feasible(), k=select, passages=select_passages, quant=obj.quality.quant,
+                                 full_latency=lat(full), out=out / "selection.json", progress=progress)["chosen"]
+    return write_outputs(out, ev, full_latency=lat(full), full_size=size(full), vocab=int(config["vocab_size"]),
+                         args=args, predictor=predictor, selected=selected)
 
 
 def _checkpoint(path: Any, args: dict, ev: Evaluator, algo: Any, generation: int) -> None:
@@ -628,8 +640,12 @@ def _ray_map(sn: Any, quality: KLQuality, workers: int, address: str | None):
 
 
 def write_outputs(out: Any, ev: Evaluator, *, full_latency: float, full_size: float, vocab: int,
-                  args: dict[str, Any], predictor: Any) -> dict[str, Any]:
-    """evaluations.csv, pareto.json, pareto.png and summary.json (with the front's hypervolume) in `out`."""
+                  args: dict[str, Any], predictor: Any, selected: dict[str, Any] | None = None) -> dict[str, Any]:
+    """evaluations.csv, pareto.json, pareto.png and summary.json (with the front's hypervolume) in `out`.
+
+    `selected` (a `hwnas.selection` candidate) is recorded in pareto.json as the winner; without it the
+    winner is the front's lowest-KL member (the slowest member may not be: size counts too).
+    """
     import csv
     import io
     import json
@@ -654,8 +670,14 @@ def write_outputs(out: Any, ev: Evaluator, *, full_latency: float, full_size: fl
     pareto = [{"kl": e.quality, "latency_ms": e.latency_ms, "latency_ratio": e.latency_ms / full_latency,
                "size_bytes": int(e.size_bytes), "size_ratio": e.size_bytes / full_size, "layers": e.config.depth,
                "config": e.config.to_dict()} for e in front]
+    best = min(pareto, key=lambda m: m["kl"], default=None)
+    if selected is not None:
+        from .selection import METRIC
+
+        best = {k: v for k, v in selected.items() if k != "key"} | {"selected_by": METRIC}
     atomic_write_json(out / "pareto.json", {"objectives": ["kl", "latency_ms", "size_bytes"], "phase": args["phase"],
-                                            "table": args["table"], "front": pareto})
+                                            "table": args["table"], "front": pareto,
+                                            **({"selected": best} if selected is not None else {})})
     summary = {"args": args, "evaluations": ev.used, "feasible": len(cands), "front_size": len(front),
                "hypervolume": hv, "hypervolume_reference": HV_REFERENCE, "normalised_by":
                {"kl": 1.0, "latency_ms": full_latency, "size_bytes": full_size},
@@ -665,8 +687,7 @@ def write_outputs(out: Any, ev: Evaluator, *, full_latency: float, full_size: fl
                           "device": predictor.table.device_id}}
     atomic_write_json(out / "summary.json", summary)
     pareto_plot(ev, front, full_latency, out / "pareto.png", budget=ev.obj.latency_budget)
-    return {"out": str(out), "evaluations": ev.used, "front_size": len(front), "hypervolume": hv,
-            "best": min(pareto, key=lambda m: m["kl"], default=None)}  # the slowest member may not be: size counts
+    return {"out": str(out), "evaluations": ev.used, "front_size": len(front), "hypervolume": hv, "best": best}
 
 
 def pareto_plot(ev: Evaluator, front: list[Evaluated], full_latency: float, path: Any, *, budget: float | None) -> None:

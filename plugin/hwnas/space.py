@@ -124,9 +124,12 @@ class SubnetConfig:
 
     @classmethod
     def from_json(cls, path: str | Path, pick: int | None = None) -> "SubnetConfig":
-        """Read a config file, or member `pick` of a search's pareto.json (default: its lowest-KL member)."""
+        """Read a config file, or member `pick` of a search's pareto.json (default: its selected winner,
+        else its lowest-KL member)."""
         try:
             data = read_json(path, "sub-network config")
+            if isinstance(data, Mapping) and "selected" in data and pick is None:
+                return cls.from_dict(data["selected"]["config"])
             if isinstance(data, Mapping) and "front" in data:
                 front = data["front"]
                 if not isinstance(front, list) or not front:

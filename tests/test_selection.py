@@ -1,0 +1,87 @@
+import json
+
+import pytest
+import torch
+
+from hwnas import HwnasError, Supernet
+from hwnas.pipeline import _choose
+from hwnas.search import Evaluated, run_search
+from hwnas.selection import LastWordNLL, heldout_passages, per_depth_best
+from hwnas.space import SubnetConfig
+
+
+def _search(tiny_model, table, out, **kw):
+    args = dict(model=str(tiny_model), table=str(table), evaluations=12, population=4, sequences=2, seq_len=32,
+                latency_ratio=0.9, out=str(out), progress=False)
+    return run_search(**{**args, **kw})
+
+
+def test_last_word_nll_matches_one_passage_at_a_time(tiny_model):
+    sn = Supernet.from_pretrained(tiny_model)
+    cfg = sn.search_space.sample(seed=1)
+    nll = LastWordNLL(sn, passages=6, batch_size=4)
+    assert len({len(s) for s in nll.seqs}) > 1  # batches really pad
+    got = nll(cfg)
+    sn.set_active(cfg)
+    want = 0.0
+    with torch.no_grad():
+        for s, n in zip(nll.seqs, nll.targets):
+            logp = torch.log_softmax(sn(torch.tensor([s])).logits[0].float(), -1)
+            want -= sum(float(logp[len(s) - n - 1 + j, s[len(s) - n + j]]) for j in range(n))
+    assert got == pytest.approx(want / 6, rel=1e-5)
+    assert nll(sn.search_space.max_config()) != pytest.approx(got)
+
+
+def test_heldout_passages_are_neither_the_start_nor_the_end_of_the_calibration_split():
+    from hwnas.data import lambada_items
+
+    items = lambada_items("calibration")
+    mid = heldout_passages(10)
+    assert mid[0] not in items[:len(items) // 3] and mid[-1] not in items[-len(items) // 3:]
+    with pytest.raises(HwnasError, match="selection passages must be in 1.."):
+        heldout_passages(0)
+
+
+def test_per_depth_best_keeps_the_lowest_kl_of_each_depth(tiny_model):
+    sp = Supernet.from_pretrained(tiny_model).search_space
+    cfgs = [sp.sample(seed=s) for s in range(40)]
+    rows = [Evaluated(c, float(i % 7), 1.0, 1.0, 0) for i, c in enumerate(cfgs)]
+    got = per_depth_best(rows, k=2)
+    depths = {r.config.depth for r in rows}
+    assert len(got) == min(2, len(depths)) and len({r.config.depth for r in got}) == len(got)
+    for r in got:
+        assert r.quality == min(x.quality for x in rows if x.config.depth == r.config.depth)
+    others = [min(x.quality for x in rows if x.config.depth == d) for d in depths - {r.config.depth for r in got}]
+    assert all(o >= max(r.quality for r in got) for o in others)
+
+
+def test_search_selects_its_winner_by_heldout_nll_and_resumes_the_scores(tiny_model, tiny_tables, run_cli, tmp_path,
+                                                                        monkeypatch):
+    r = _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "s", select=3, select_passages=8)
+    sel = json.loads((tmp_path / "s" / "selection.json").read_text())
+    pareto = json.loads((tmp_path / "s" / "pareto.json").read_text())
+    cands = sel["candidates"]
+    assert 1 <= len(cands) <= 3 and len({c["layers"] for c in cands}) == len(cands)
+    assert all(c["latency_ratio"] <= 0.9 + 1e-9 for c in cands)
+    assert sel["chosen"] == min(cands, key=lambda c: c["nll"])
+    assert r["best"]["config"] == pareto["selected"]["config"] == sel["chosen"]["config"]
+    assert _choose(pareto, 0.9)["config"] == sel["chosen"]["config"] and _choose(pareto, 0.9)["index"] is None
+    # `hwnas export` takes the selected winner by default
+    run_cli("export", "--model", str(tiny_model), "--subnet", str(tmp_path / "s" / "pareto.json"),
+            "--out", str(tmp_path / "best"))
+    assert json.loads((tmp_path / "best" / "hwnas_subnet.json").read_text()) == sel["chosen"]["config"]
+    assert SubnetConfig.from_json(tmp_path / "s" / "pareto.json", 0).to_dict() == pareto["front"][0]["config"]
+    # a rerun of the search's outputs reuses the saved scores instead of recomputing them
+    monkeypatch.setattr(LastWordNLL, "__call__", lambda self, cfg: pytest.fail("recomputed a saved score"))
+    again = _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "s", select=3, select_passages=8, resume=True)
+    assert again["best"] == r["best"]
+
+
+def test_search_without_a_budget_or_with_select_0_keeps_the_lowest_kl(tiny_model, tiny_tables, tmp_path):
+    r = _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "a", latency_ratio=None)
+    assert not (tmp_path / "a" / "selection.json").exists() and "nll" not in r["best"]
+    r = _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "b", select=0)
+    assert not (tmp_path / "b" / "selection.json").exists()
+    assert "selected" not in json.loads((tmp_path / "b" / "pareto.json").read_text())
+    with pytest.raises(HwnasError, match="select must be >= 0"):
+        _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "c", select=-1)
