@@ -1,7 +1,8 @@
 """hwnas against pruning baselines at the same latency targets: accuracy, measured latency and size, side by side.
 
 For each latency ratio (of the full model's predicted decode latency on the onnxruntime int8 table):
-the hwnas search's lowest-KL sub-network within the ratio (`hwnas search`, the `hwnas run` choice) and
+the hwnas search's winner within the ratio (`hwnas search`, the `hwnas run` choice: the best of each depth by
+KL, re-scored by held-out LAMBADA last-word NLL, see hwnas.selection) and
 each baseline of `hwnas baseline` (layer-drop, width-uniform, random with the search's evaluation
 budget). Every sub-network and the full model are deployed as onnxruntime int8 (`hwnas quantize
 --method ort-int8`), evaluated in that runtime with lm-eval on the same task items (`hwnas evaluate`),
@@ -133,6 +134,9 @@ def verdicts(rows: list[dict]) -> list[str]:
             diff = mine["accuracy"] - b["accuracy"]
             se = math.hypot(mine["accuracy_stderr"], b["accuracy_stderr"])
             dominated = any(h["accuracy"] >= b["accuracy"] and h["decode_ms"] <= b["decode_ms"] for h in hw)
+            if mine["config"] == b["config"]:
+                out.append(f"ratio {r:.2f}: hwnas chose the same sub-network as {b['method']} (equal by construction)")
+                continue
             out.append(f"ratio {r:.2f}: hwnas {'>=' if diff >= 0 else '<'} {b['method']} by {diff * 100:+.1f} points "
                        f"(±{se * 100:.1f} stderr of the difference); {b['method']}'s point is "
                        f"{'' if dominated else 'NOT '}dominated by an hwnas point (accuracy and measured decode)")
