@@ -150,7 +150,7 @@ def hv_runs(table: Path, seeds: list[int], nsga2_evals: int, linas_evals: int, p
             t0 = time.perf_counter()
             r = run_search(model=MODEL, table=str(table), algorithm=algo, evaluations=n, population=population,
                            latency_ratio=ratio, seed=seed, out=str(work / f"{algo}-{n}-s{seed}"), sequences=sequences,
-                           seq_len=seq_len, resume=True, progress=False)
+                           seq_len=seq_len, resume=True, progress=False, select=0)  # the search alone
             seconds = time.perf_counter() - t0
             if seconds < 30 and (algo, seed, n) in timed:  # resumed a finished run
                 seconds = timed[algo, seed, n]

@@ -94,7 +94,8 @@ def run_baseline(*, method: str, model: str, table: str | Path, latency_ratio: f
     else:
         run_search(model=model, table=str(table), algorithm="random", evaluations=evaluations, population=population,
                    latency_budget=obj.latency_budget, phase=phase, seed=seed,
-                   resume=(out / "search" / "state.pkl").exists(), out=str(out / "search"), progress=progress)
+                   resume=(out / "search" / "state.pkl").exists(), out=str(out / "search"), progress=progress,
+                   select=0)  # the lowest KL of the sample, as documented: no held-out re-scoring
         front = read_json(out / "search" / "pareto.json", "search front")["front"]  # feasible members only
         if not front:
             raise HwnasError(f"no random sub-network out of {evaluations} met {obj.latency_budget:.3f} ms")
