@@ -114,5 +114,5 @@ def _read(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
-        return {}  # nothing saved (or a torn file from before atomic writes): score again
+        return {}  # nothing saved, or unreadable: score again (nothing else depends on this file)
     return data if isinstance(data, dict) else {}
