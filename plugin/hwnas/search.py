@@ -594,11 +594,11 @@ def run_search(*, model: str = "smollm2-135m", table: str, algorithm: str = "nsg
             best = min((e for e in ev.feasible()), key=lambda e: e.quality, default=None)
             if best:
                 bar.set_postfix_str(f"gen {generation} best KL {best.quality:.3f} at {best.latency_ms:.1f} ms")
-    selected = None
-    if select and (obj.latency_budget is not None or obj.size_budget is not None) and ev.feasible():
+    selected, feasible = None, ev.feasible()
+    if select and (obj.latency_budget is not None or obj.size_budget is not None) and feasible:
         from .selection import select as select_winner
 
-        selected = select_winner(sn, ev.feasible(), k=select, passages=select_passages, quant=obj.quality.quant,
+        selected = select_winner(sn, feasible, k=select, passages=select_passages, quant=obj.quality.quant,
                                  full_latency=lat(full), out=out / "selection.json", progress=progress)["chosen"]
     return write_outputs(out, ev, full_latency=lat(full), full_size=size(full), vocab=int(config["vocab_size"]),
                          args=args, predictor=predictor, selected=selected)
