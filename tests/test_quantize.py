@@ -163,6 +163,29 @@ def test_ort_int8_keeps_the_down_proj_a_subnet_marks_fp32(subnet_dir, tiny_model
         quantize(tiny_model, "ov-int8", tmp_path / "x", keep_fp32="down_proj")
 
 
+def test_ort_int8_stores_the_embedding_in_int8_and_the_size_model_counts_every_byte(subnet_dir, tiny_model, tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from hwnas.latency import model_signature
+    from hwnas.predictor import size_bytes
+    from hwnas.space import SubnetConfig
+
+    report = quantize(subnet_dir, "ort-int8", tmp_path / "q")
+    assert report["settings"]["int8_embeddings"] == ["model.embed_tokens.weight"]
+    graph = onnx.load(str(tmp_path / "q" / "model.onnx")).graph
+    weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    assert weights["model.embed_tokens.weight.int8"].dtype == np.int8
+    assert weights["model.embed_tokens.weight.row_scale"].shape == (320, 1)
+    big_floats = [k for k, a in weights.items() if a.dtype == np.float32 and a.ndim == 2 and a.size > 320]
+    assert big_floats == [], f"fp32 matrices left: {big_floats}"
+    sig = model_signature(json.loads((tiny_model / "config.json").read_text()))
+    predicted = size_bytes(SubnetConfig(**SUBNET), sig, runtime="onnxruntime", precision="int8", tied=False,
+                           int8_embedding=True)
+    assert predicted == sum(a.nbytes for a in weights.values())
+
+
 @pytest.mark.parametrize("method, message", [
     ("bnb-int8", "is an ONNX export (model.onnx); `hwnas quantize --method bnb-int8` needs a torch checkpoint"),
     ("ov-int4", "is an ONNX export (model.onnx); `hwnas quantize --method ov-int4` needs a torch checkpoint"),

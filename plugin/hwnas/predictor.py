@@ -152,8 +152,10 @@ class LatencyPredictor:
         """Weight bytes of `cfg` deployed at the table's runtime and `precision` (default: the table's)."""
         h = self.table.header
         # a tied head that the quantizer gave its own weight (quantize.untie_lm_head) is stored twice
-        tied = h.get("tie_word_embeddings", False) and not h.get("quantization", {}).get("untie_lm_head", False)
-        return size_bytes(cfg, h["model_signature"], runtime=h["runtime"], precision=precision or h["precision"], tied=tied)
+        q = h.get("quantization", {})
+        tied = h.get("tie_word_embeddings", False) and not q.get("untie_lm_head", False)
+        return size_bytes(cfg, h["model_signature"], runtime=h["runtime"], precision=precision or h["precision"],
+                          tied=tied, int8_embedding=q.get("quantize_embedding", False))
 
     def _fit(self, pk: str) -> Correction:
         """The correction form (none, scale, affine, affine plus a per-layer term) with the lowest
@@ -222,12 +224,14 @@ def _matrix_bytes(rows: int, cols: int, runtime: str, precision: str) -> float:
     raise HwnasError(f"precision {precision!r} has no size model; expected fp32, fp16, bf16, int8 or int4")
 
 
-def size_bytes(cfg: SubnetConfig, sig: dict[str, int], *, runtime: str, precision: str, tied: bool) -> int:
+def size_bytes(cfg: SubnetConfig, sig: dict[str, int], *, runtime: str, precision: str, tied: bool,
+               int8_embedding: bool = False) -> int:
     """Weight bytes of a deployed sub-network, following what each runtime's quantizer touches.
 
-    onnxruntime's dynamic quantization (MatMul only) keeps the embedding in fp32 and, when tied and not untied, the LM
-    head with it, and the down_proj of layers marked in `cfg.fp32_down`; NNCF compresses the embedding too, and keeps
-    the LM head in int8 in int4 mode.
+    onnxruntime's dynamic quantization (MatMul only) keeps the embedding in fp32 unless hwnas stores it in int8 with a
+    scale per row (`int8_embedding`, int8 only), the LM head with the embedding when tied and not untied, and the
+    down_proj of layers marked in `cfg.fp32_down`; NNCF compresses the embedding too, and keeps the LM head in int8 in
+    int4 mode.
     """
     mixed = (runtime, precision) == ("onnxruntime", "int8")  # where `hwnas quantize` honours fp32_down
     total = sum(_matrix_bytes(r, c, runtime, "fp32" if fp32 and mixed else precision)
@@ -235,8 +239,11 @@ def size_bytes(cfg: SubnetConfig, sig: dict[str, int], *, runtime: str, precisio
     vocab, hidden = sig["vocab_size"], sig["hidden_size"]
     total += 4 * hidden * (2 * cfg.depth + 1)  # RMSNorm weights stay fp32
     quantized = precision in ("int8", "int4")
-    emb_precision = "int8" if quantized and runtime == "openvino" else ("fp32" if quantized else precision)
-    total += _matrix_bytes(vocab, hidden, runtime, emb_precision)
+    if mixed and int8_embedding:
+        total += vocab * hidden + 4 * vocab
+    else:
+        emb_precision = "int8" if quantized and runtime == "openvino" else ("fp32" if quantized else precision)
+        total += _matrix_bytes(vocab, hidden, runtime, emb_precision)
     if not tied:
         head_precision = "int8" if precision == "int4" and runtime == "openvino" else precision
         total += _matrix_bytes(vocab, hidden, runtime, head_precision)

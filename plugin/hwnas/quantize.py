@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 # The ISA levels with int8 dot-product instructions; without them u8s8 products can saturate.
 _VNNI = ("amx", "avx512vnni", "avxvnni")
+_PROTO_LIMIT = 1_900_000_000  # bytes of weights above which an ONNX graph keeps them in external data
 OV_GROUP_SIZE = 64  # divides every MLP width (multiples of 64) and every Llama hidden size
 ORT_INT4 = {"block_size": 32, "is_symmetric": True, "bits": 4}
 
@@ -33,11 +34,13 @@ def ort_int8_settings(isa: str) -> dict[str, Any]:
     Only MatMuls are quantized: quantizing the tied embedding Gather makes every decode step
     dequantize the whole LM head. A tied LM head reaches the graph as a Transpose of the embedding,
     which the quantizer skips, so it is first given its own (transposed) weight: it is the largest
-    matrix a decode step reads. Without VNNI, signed int8 weights with full range saturate the u8s8
-    kernels (NLL 3.9 -> 16 measured on the default model), so the range is reduced there.
+    matrix a decode step reads. The embedding table that the Gather keeps is then stored in int8 too,
+    one symmetric scale per row (`quantize_embedding`): each step dequantizes only the rows it reads.
+    Without VNNI, signed int8 weights with full range saturate the u8s8 kernels (NLL 3.9 -> 16
+    measured on the default model), so the range is reduced there.
     """
     return {"op_types_to_quantize": ["MatMul"], "per_channel": True, "reduce_range": isa not in _VNNI,
-            "weight_type": "QInt8", "untie_lm_head": True}
+            "weight_type": "QInt8", "untie_lm_head": True, "quantize_embedding": True}
 
 
 def untie_lm_head(model: Any) -> list[str]:
@@ -68,6 +71,56 @@ def untie_lm_head(model: Any) -> list[str]:
         if t.output[0] not in used:
             graph.node.remove(t)
     return changed
+
+
+def _embedding_gathers(model: Any) -> dict[str, list[Any]]:
+    """Float initializers of rank 2 read only as the table (input 0) of Gathers: embeddings, by name."""
+    from onnx import TensorProto
+
+    graph = model.graph
+    floats = {i.name for i in graph.initializer if i.data_type == TensorProto.FLOAT and len(i.dims) == 2}
+    uses: dict[str, list[tuple[Any, int]]] = {}
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name in floats:
+                uses.setdefault(name, []).append((node, k))
+    return {name: [n for n, _ in u] for name, u in uses.items()
+            if all(n.op_type == "Gather" and k == 0 for n, k in u)
+            and all(a.i == 0 for n, _ in u for a in n.attribute if a.name == "axis")}
+
+
+def quantize_embeddings(model: Any) -> list[str]:
+    """Store each embedding table (a float initializer read only by Gathers along axis 0) in int8 with one
+    symmetric fp32 scale per row; each Gather then reads int8 rows and their scales and multiplies.
+
+    Edits the onnx ModelProto in place; returns the tables changed. Uses only standard ONNX ops
+    (Gather, Cast, Mul), so every runtime runs the result.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    found = _embedding_gathers(model)
+    inits = {i.name: i for i in graph.initializer}
+    for name, gathers in found.items():
+        table = numpy_helper.to_array(inits[name]).astype(np.float32)
+        scale = np.abs(table).max(axis=1, keepdims=True) / 127.0
+        scale[scale == 0] = 1.0
+        q = np.clip(np.rint(table / scale), -127, 127).astype(np.int8)
+        graph.initializer.remove(inits[name])
+        graph.initializer.extend([numpy_helper.from_array(q, f"{name}.int8"),
+                                  numpy_helper.from_array(scale.astype(np.float32), f"{name}.row_scale")])
+        for g in gathers:
+            out, ids, base = g.output[0], g.input[1], g.name or out
+            i = list(graph.node).index(g)
+            graph.node.remove(g)
+            new = [helper.make_node("Gather", [f"{name}.int8", ids], [f"{base}/int8"], name=f"{base}/int8", axis=0),
+                   helper.make_node("Gather", [f"{name}.row_scale", ids], [f"{base}/scale"], name=f"{base}/scale", axis=0),
+                   helper.make_node("Cast", [f"{base}/int8"], [f"{base}/float"], name=f"{base}/float", to=TensorProto.FLOAT),
+                   helper.make_node("Mul", [f"{base}/float", f"{base}/scale"], [out], name=f"{base}/dequantize")]
+            for k, n in enumerate(new):
+                graph.node.insert(i + k, n)
+    return sorted(found)
 
 
 def down_proj_nodes(graph: Any, layers: Collection[int] | str) -> list[str]:
@@ -103,24 +156,26 @@ def quantize_onnx(src: str | Path, dst: str | Path, *, precision: str, isa: str,
         import onnx
 
         settings = ort_int8_settings(isa)
-        kwargs = {k: v for k, v in settings.items() if k != "untie_lm_head"}
+        kwargs = {k: v for k, v in settings.items() if k not in ("untie_lm_head", "quantize_embedding")}
         kwargs["weight_type"] = QuantType[kwargs["weight_type"]]
-        graph = onnx.load(str(src), load_external_data=False)  # the structure; weights only if a head is untied
+        graph = onnx.load(str(src), load_external_data=False)  # the structure; the weights only if edited below
         excluded = down_proj_nodes(graph, fp32_down) if fp32_down else []
         if excluded:
             kwargs["nodes_to_exclude"] = settings["nodes_to_exclude"] = excluded
-        untied, big = [], _large(src)
+        untied, tables, big = [], [], _large(src)
         with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".untied-") as work:
-            if settings["untie_lm_head"] and _tied_heads(graph):
+            untie = settings["untie_lm_head"] and _tied_heads(graph)
+            if untie or settings["quantize_embedding"] and _embedding_gathers(graph):
                 graph = onnx.load(str(src))
-                before = {i.name for i in graph.graph.initializer}
-                untied = untie_lm_head(graph)
-                big = _large(src, extra=sum(i.ByteSize() for i in graph.graph.initializer if i.name not in before))
+                untied = untie_lm_head(graph) if untie else []
+                tables = quantize_embeddings(graph) if settings["quantize_embedding"] else []
+                big = sum(i.ByteSize() for i in graph.graph.initializer) > _PROTO_LIMIT
                 src = Path(work) / "model.onnx"  # a file, not the proto: a large graph exceeds protobuf's 2 GB
                 onnx.save(graph, str(src), save_as_external_data=big, location="model.onnx_data")
             del graph
             quantize_dynamic(src, dst, use_external_data_format=big, **kwargs)
-        return {"method": "onnxruntime.quantize_dynamic", **settings, "untied_matmuls": untied}
+        return {"method": "onnxruntime.quantize_dynamic", **settings, "untied_matmuls": untied,
+                "int8_embeddings": tables}
     if precision == "int4":
         import onnx
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -133,9 +188,9 @@ def quantize_onnx(src: str | Path, dst: str | Path, *, precision: str, isa: str,
     raise HwnasError(f"onnxruntime precision {precision!r} is not supported; expected fp32, int8 or int4")
 
 
-def _large(path: Path, extra: int = 0) -> bool:
-    """Whether a graph with `extra` bytes more than `path` (and its external data) must store weights outside (2 GB)."""
-    return path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob("*.onnx_data")) + extra > 1_900_000_000
+def _large(path: Path) -> bool:
+    """Whether the graph `path` (with its external data) must store its weights outside (protobuf's 2 GB)."""
+    return path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob("*.onnx_data")) > _PROTO_LIMIT
 
 
 def ov_compression(precision: str) -> dict[str, Any]:

@@ -37,15 +37,24 @@ class OrtInt8:
     `ort_int8_settings` chooses on CPUs without VNNI), else -127..127. Activations: per tensor,
     asymmetric uint8, the range taken from the current input and always including 0
     (DynamicQuantizeLinear); one range per sequence, as the deployed model runs batch 1. Both round
-    half to even, as onnxruntime does.
+    half to even, as onnxruntime does. With `int8_embedding`, each embedding row read is stored as
+    symmetric int8 with its own scale (-127..127, `quantize.quantize_embeddings`).
     """
 
     reduce_range: bool = True
+    int8_embedding: bool = False
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> "OrtInt8":
         """The emulation of `quantize.ort_int8_settings(isa)` (or a latency table's `quantization` header)."""
-        return cls(reduce_range=bool(settings["reduce_range"]))
+        return cls(reduce_range=bool(settings["reduce_range"]),
+                   int8_embedding=bool(settings.get("quantize_embedding", False)))
+
+    @staticmethod
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        """Embedding rows (the last dimension) as int8 with one scale per row stores them."""
+        scale = _nonzero(x.abs().amax(dim=-1, keepdim=True) / 127)
+        return torch.round(x / scale).clamp(-127, 127) * scale
 
     def weight(self, w: torch.Tensor) -> torch.Tensor:
         qmax = 64 if self.reduce_range else 127
@@ -94,6 +103,23 @@ class ElasticLinear(nn.Linear):
         if self.quant is not None:
             return self.quant.linear(x, *self.active_weight())
         return F.linear(x, *self.active_weight())
+
+
+class ElasticEmbedding(nn.Embedding):
+    """An `nn.Embedding` that shares another's (possibly tied) table; with `quant` set, the rows it
+    returns are those an int8 embedding stores (`OrtInt8.rows`)."""
+
+    def __init__(self, base: nn.Embedding) -> None:
+        nn.Module.__init__(self)
+        for k in ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq",
+                  "sparse"):
+            setattr(self, k, getattr(base, k))
+        self.weight = base.weight
+        self.quant: OrtInt8 | None = None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = super().forward(input_ids)
+        return out if self.quant is None else self.quant.rows(out)
 
 
 @dataclass(frozen=True)
@@ -161,6 +187,7 @@ class Supernet(nn.Module):
                 for n in names:
                     setattr(parent, n, ElasticLinear(getattr(parent, n)))
         model.lm_head = ElasticLinear(model.lm_head)  # the same (possibly tied) weight; quantized under `quant`
+        model.model.embed_tokens = ElasticEmbedding(model.model.embed_tokens)
         self.layer_importance: list[float] | None = None  # Block Influence per layer, once calibrated
         self._cut: list[tuple[np.ndarray, np.ndarray]] | None = None  # per layer, see importance_lost
         self._active: SubnetConfig | None = None
@@ -217,7 +244,7 @@ class Supernet(nn.Module):
         """Make the forward pass run sub-network `cfg` (validated against the search space).
 
         With `quant`, every projection and the LM head compute as that int8 deployment would, except
-        the down_proj of layers `cfg.fp32_down` keeps in fp32; the embedding stays fp32.
+        the down_proj of layers `cfg.fp32_down` keeps in fp32; the embedding is int8 where `quant` says so.
         """
         self.search_space.validate(cfg)
         c = self.base_config
@@ -249,6 +276,7 @@ class Supernet(nn.Module):
         self.model.model.layers = nn.ModuleList(kept)
         self.model.config.num_hidden_layers = len(kept)
         self.model.lm_head.quant = quant
+        self.model.model.embed_tokens.quant = quant if quant is not None and quant.int8_embedding else None
         self._active, self._quant = cfg, quant
 
     def forward(self, input_ids: torch.Tensor, **kwargs: Any):
