@@ -146,8 +146,10 @@ def verdicts(rows: list[dict]) -> list[str]:
 def main(model: str, table: Path, ratios: list[float], tasks: list[str], limit: int | None, evaluations: int,
          population: int, seed: int, new_tokens: int, repeats: int, rounds: int, work: Path, out_dir: Path) -> dict:
     work.mkdir(parents=True, exist_ok=True)
-    args = {"model": model, "table": str(Path(table).resolve()), "evaluations": evaluations, "population": population,
-            "seed": seed}
+    # the table's bytes too: a re-profiled table (same path) must not reuse searches made with the old one
+    args = {"model": model, "table": str(Path(table).resolve()),
+            "table_sha256": hashlib.sha256(Path(table).read_bytes()).hexdigest()[:16], "evaluations": evaluations,
+            "population": population, "seed": seed}
     if (work / "args.json").exists() and read_json(work / "args.json", "comparison arguments") != args:
         sys.exit(f"{work} holds a comparison made with {read_json(work / 'args.json')}, not {args}; choose another --work")
     atomic_write_json(work / "args.json", args)
