@@ -186,6 +186,30 @@ def test_ort_int8_stores_the_embedding_in_int8_and_the_size_model_counts_every_b
     assert predicted == sum(a.nbytes for a in weights.values())
 
 
+def test_only_the_token_embedding_is_stored_in_int8():
+    """A table gathered by position_ids (an older export's rotary cache) keeps its fp32 values."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from hwnas.quantize import quantize_embeddings
+
+    rng = np.random.default_rng(0)
+    emb, rot = rng.normal(size=(50, 8)).astype(np.float32), rng.normal(size=(16, 8)).astype(np.float32)
+    ids = [helper.make_tensor_value_info(n, TensorProto.INT64, [1, 3]) for n in ("input_ids", "position_ids")]
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 3, 8]) for n in ("h", "r")]
+    graph = helper.make_graph([helper.make_node("Gather", ["emb", "input_ids"], ["h"], name="embed"),
+                               helper.make_node("Gather", ["rot", "position_ids"], ["r"], name="rotary")],
+                              "g", ids, outs, [numpy_helper.from_array(emb, "emb"), numpy_helper.from_array(rot, "rot")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert quantize_embeddings(model) == ["emb"]
+    x = np.array([[3, 0, 49]])
+    h, r = ort.InferenceSession(model.SerializeToString()).run(None, {"input_ids": x, "position_ids": x % 16})
+    np.testing.assert_array_equal(r, rot[x % 16])
+    step = np.abs(emb).max(axis=1) / 127  # the rounding error of a row is at most half its step
+    assert np.all(np.abs(h[0] - emb[x[0]]) <= step[x[0], None] / 2 + 1e-7) and not np.array_equal(h[0], emb[x[0]])
+
+
 @pytest.mark.parametrize("method, message", [
     ("bnb-int8", "is an ONNX export (model.onnx); `hwnas quantize --method bnb-int8` needs a torch checkpoint"),
     ("ov-int4", "is an ONNX export (model.onnx); `hwnas quantize --method ov-int4` needs a torch checkpoint"),

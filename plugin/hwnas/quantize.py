@@ -74,7 +74,8 @@ def untie_lm_head(model: Any) -> list[str]:
 
 
 def _embedding_gathers(model: Any) -> dict[str, list[Any]]:
-    """Float initializers of rank 2 read only as the table (input 0) of Gathers: embeddings, by name."""
+    """Float initializers of rank 2 read only as the table (input 0) of Gathers of the graph input `input_ids`:
+    token embeddings, by name. (A rotary cos/sin table gathered by position_ids is left alone.)"""
     from onnx import TensorProto
 
     graph = model.graph
@@ -85,13 +86,13 @@ def _embedding_gathers(model: Any) -> dict[str, list[Any]]:
             if name in floats:
                 uses.setdefault(name, []).append((node, k))
     return {name: [n for n, _ in u] for name, u in uses.items()
-            if all(n.op_type == "Gather" and k == 0 for n, k in u)
+            if all(n.op_type == "Gather" and k == 0 and n.input[1] == "input_ids" for n, k in u)
             and all(a.i == 0 for n, _ in u for a in n.attribute if a.name == "axis")}
 
 
 def quantize_embeddings(model: Any) -> list[str]:
-    """Store each embedding table (a float initializer read only by Gathers along axis 0) in int8 with one
-    symmetric fp32 scale per row; each Gather then reads int8 rows and their scales and multiplies.
+    """Store each token embedding table (a float initializer read only by Gathers of `input_ids` along axis 0)
+    in int8 with one symmetric fp32 scale per row; each Gather then reads int8 rows and their scales and multiplies.
 
     Edits the onnx ModelProto in place; returns the tables changed. Uses only standard ONNX ops
     (Gather, Cast, Mul), so every runtime runs the result.
