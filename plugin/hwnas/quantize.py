@@ -100,6 +100,9 @@ def quantize_embeddings(model: Any) -> list[str]:
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
+    def node(op: str, inputs: list[str], output: str, **attrs: Any) -> Any:  # named after its output
+        return helper.make_node(op, inputs, [output], name=output, **attrs)
+
     graph = model.graph
     found = _embedding_gathers(model)
     inits = {i.name: i for i in graph.initializer}
@@ -115,10 +118,10 @@ def quantize_embeddings(model: Any) -> list[str]:
             out, ids, base = g.output[0], g.input[1], g.name or out
             i = list(graph.node).index(g)
             graph.node.remove(g)
-            new = [helper.make_node("Gather", [f"{name}.int8", ids], [f"{base}/int8"], name=f"{base}/int8", axis=0),
-                   helper.make_node("Gather", [f"{name}.row_scale", ids], [f"{base}/scale"], name=f"{base}/scale", axis=0),
-                   helper.make_node("Cast", [f"{base}/int8"], [f"{base}/float"], name=f"{base}/float", to=TensorProto.FLOAT),
-                   helper.make_node("Mul", [f"{base}/float", f"{base}/scale"], [out], name=f"{base}/dequantize")]
+            new = [node("Gather", [f"{name}.int8", ids], f"{base}/int8", axis=0),
+                   node("Gather", [f"{name}.row_scale", ids], f"{base}/scale", axis=0),
+                   node("Cast", [f"{base}/int8"], f"{base}/float", to=TensorProto.FLOAT),
+                   node("Mul", [f"{base}/float", f"{base}/scale"], out)]
             for k, n in enumerate(new):
                 graph.node.insert(i + k, n)
     return sorted(found)
