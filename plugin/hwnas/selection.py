@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from .common import HwnasError, atomic_write_json
+from .common import HwnasError, atomic_write_json, read_json
 from .space import SubnetConfig
 
 METRIC = "LAMBADA last-word NLL, calibration split (nats/word)"
@@ -109,10 +109,8 @@ def select(supernet: Any, rows: Sequence[Any], *, k: int, passages: int, quant: 
 
 
 def _read(path: Path) -> dict[str, Any]:
-    import json
-
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}  # nothing saved, or unreadable: score again (nothing else depends on this file)
+        data = read_json(path, "saved selection scores")
+    except HwnasError:
+        return {}  # nothing saved, or not JSON: score again (nothing else depends on this file)
     return data if isinstance(data, dict) else {}
