@@ -24,7 +24,7 @@ def test_spread_configs_are_seeded_distinct_and_span_the_size_range(tiny_model):
 def test_validate_latency_end_to_end(tiny_tables, tiny_model, tmp_path):
     out = tmp_path / "val"
     r = validate_latency(model=str(tiny_model), tables=[tiny_tables["onnxruntime"], tiny_tables["torch"]], samples=4,
-                         out=out, progress=False)
+                         passes=3, out=out, progress=False)
     report = json.loads((out / "latency_validation.json").read_text())
     assert (out / "latency_scatter.png").stat().st_size > 10_000 and not (out / "artifacts").exists()
     assert set(report["tables"]) == {"onnxruntime-fp32", "torch-fp32"}
@@ -32,10 +32,17 @@ def test_validate_latency_end_to_end(tiny_tables, tiny_model, tmp_path):
         for pk in ("prefill.s128", "decode.c128"):
             ph = t["phases"][pk]
             assert ph["n"] == 4 and 0 <= ph["within_10pct"] <= 1 and -1 <= ph["kendall_tau"] <= 1
-            assert len(ph["passes_ms"]) == 4 and all(len(x) == 2 and min(x) > 0 for x in ph["passes_ms"])
+            assert len(ph["passes_ms"]) == 4 and all(len(x) == 3 and min(x) > 0 for x in ph["passes_ms"])
+            assert ph["measured_ms"] == [round(sorted(x)[1], 3) for x in ph["passes_ms"]]  # the median pass
             assert ph["repeatability"]["max_pass_diff"] >= 0
+            # the full model, measured in every pass, is the drift reference of the predicted ratios
+            ratio = ph["ratio_to_full"]
+            assert len(ratio["full_passes_ms"]) == 3 and ratio["full_measured_ms"] == sorted(ratio["full_passes_ms"])[1]
+            errs = [abs(p / ratio["full_predicted_ms"] / (m / ratio["full_measured_ms"]) - 1)
+                    for p, m in zip(ph["predicted_ms"], ph["measured_ms"])]
+            assert ratio["mape"] == pytest.approx(sum(errs) / len(errs), rel=1e-2, abs=1e-3)
         assert len(t["size"]["artifact_bytes"]) == 4
-    assert r["torch-fp32"]["decode.c128"]["n"] == 4
+    assert r["torch-fp32"]["decode.c128"]["n"] == 4 and 0 <= r["torch-fp32"]["decode.c128"]["ratio_within_10pct"] <= 1
     # the torch size model is exact on real checkpoints
     torch_size = report["tables"]["torch-fp32"]["size"]
     assert torch_size["predicted_bytes"] == torch_size["artifact_bytes"]

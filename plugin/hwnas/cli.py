@@ -129,7 +129,7 @@ def validate_latency(
     table: list[Path],
     samples: int = 30,
     seed: int = 0,
-    passes: int = 2,
+    passes: int = 5,
     out: Path,
     allow_foreign_table: bool = False,
     keep_artifacts: bool = False,
@@ -307,7 +307,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--table", type=Path, nargs="+", required=True, help="one or more tables, measured interleaved")
     c.add_argument("--samples", type=int, default=30)
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--passes", type=int, default=2, help="measurement passes (their spread is the repeatability)")
+    c.add_argument("--passes", type=int, default=5,
+                   help="measurement passes; the median is the measured figure and their spread the repeatability")
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--allow-foreign-table", action="store_true", help="accept a table measured on another device")
     c.add_argument("--keep-artifacts", action="store_true", help="keep the built sub-networks under OUT/artifacts")

@@ -108,6 +108,18 @@ def blocks_of(cfg: SubnetConfig, phase: str, tokens: int) -> list[Block]:
     return out
 
 
+def e2e_timing(header: dict[str, Any]) -> tuple[int, int]:
+    """(warm-up, timed runs) of one round of an end-to-end measurement for a table with this header.
+
+    Calibration (at profiling) and validation measure whole sub-networks with this one protocol, so
+    that the fitted correction and its check see the same kind of figure.
+    """
+    w, r = header["warmup"], header["repeats"]
+    if header["runtime"] == "torch":
+        return max(1, w // 3), max(3, r // 6)
+    return max(2, w // 2), max(5, r // 3)
+
+
 def calibration_configs(space: SearchSpace, n: int) -> list[SubnetConfig]:
     """`n` sub-networks spread over the size range: the full model, the smallest, and seeded samples."""
     if n <= 0:
@@ -528,8 +540,8 @@ def _profile_torch(model: str, model_dir: Path, space: SearchSpace, header: dict
                                                       calibration=None)
                         subs = {c: sn.extract(c) for c in cal}
                     cfg, ph, t = job
-                    stats = measure_torch_model(subs[cfg], ph, t, warmup=max(1, w // 3),
-                                                repeats=max(3, r // 6))
+                    e2e_w, e2e_r = e2e_timing(header)
+                    stats = measure_torch_model(subs[cfg], ph, t, warmup=e2e_w, repeats=e2e_r)
                 pending.setdefault(key, []).append({k: v for k, v in stats.items() if k != "samples_ms"})
                 if len(pending[key]) == ROUNDS:
                     merged = _merge_rounds([{"measured": m} for m in pending.pop(key)])
@@ -573,7 +585,7 @@ def _write_manifest(work: Path, model: str, model_dir: Path, space: SearchSpace,
         block_items.append({"key": b.key, "kind": "block", "file": _block_file(b, runtime), "copies": b.copies,
                             "repeats": per_round, "inputs": block_inputs(b, config)})
         builds.append((block_items[-1]["file"], b))
-    e2e_w, e2e_r = max(2, header["warmup"] // 2), max(5, header["repeats"] // 3)
+    e2e_w, e2e_r = e2e_timing(header)
     cal = calibration_configs(space, calibration)
     files = [f"e2e/{k}/" + ("model" if runtime == "onnxruntime" else "openvino_model") +
              ("" if precision == "fp32" else f"_{precision}") + (".onnx" if runtime == "onnxruntime" else ".xml")

@@ -2,11 +2,16 @@
 
 `validate_latency` draws N sub-networks spread over the size range (seeded, disjoint from the
 tables' calibration sub-networks), builds each one as it will be deployed for every table given
-(extracted, exported with Optimum, quantized), and measures prefill and decode end to end in two
-passes over the whole set, the second in reverse order. Several tables are validated in one run, their
-measurements interleaved per sub-network, so machine drift hits them alike. The measured latency is
-the mean of the two passes; the passes' disagreement is reported as the measurement's repeatability,
-beside the predictor's error, so a reader can tell one from the other.
+(extracted, exported with Optimum, quantized), and measures prefill and decode end to end with the
+protocol the tables' calibration used (`latency.e2e_timing`), in several passes over the whole set,
+every other one in reverse order. Several tables are validated in one run, their measurements
+interleaved per sub-network, so machine drift hits them alike. The measured latency is the median of
+the passes, as a table keeps the median of its rounds; the passes' disagreement is reported as the
+measurement's repeatability, beside the predictor's error, so a reader can tell one from the other.
+
+Each pass also measures the full model, the drift reference. The report adds the error of the
+predicted ratio to the full model (what the search's `--latency-ratio` budgets use), which a uniform
+change of the machine's speed between profiling and validation leaves untouched.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from typing import Any
 
 from . import runner
 from .common import HwnasError, atomic_write_json, read_json
-from .latency import build_deployed, deployed_inputs, measure_torch_model, model_signature, phase_key
+from .latency import build_deployed, deployed_inputs, e2e_timing, measure_torch_model, model_signature, phase_key
 from .predictor import LatencyPredictor, LatencyTable
 from .space import SearchSpace, SubnetConfig
 
@@ -52,7 +57,7 @@ def _artifact_bytes(path: Path) -> int:
 
 
 def validate_latency(*, model: str = "smollm2-135m", tables: list[Path], samples: int = 30, seed: int = 0,
-                     out: Path, passes: int = 2, allow_foreign_table: bool = False, keep_artifacts: bool = False,
+                     out: Path, passes: int = 5, allow_foreign_table: bool = False, keep_artifacts: bool = False,
                      progress: bool = True) -> dict[str, Any]:
     """Validate each table's predictor against end-to-end measurements; writes `out/latency_validation.json`."""
     import torch
@@ -90,7 +95,8 @@ def validate_latency(*, model: str = "smollm2-135m", tables: list[Path], samples
     out = Path(out)
     state_path = out / "measurements.json"
     state = read_json(state_path, "validation state") if state_path.is_file() else {}
-    key_args = {"model": model, "tables": sorted(targets), "samples": samples, "seed": seed, "passes": passes}
+    key_args = {"model": model, "tables": sorted(targets), "samples": samples, "seed": seed, "passes": passes,
+                "reference": "full"}
     if state and state.get("args") != key_args:
         raise HwnasError(f"{out} holds a validation run with other arguments ({state.get('args')}); use another --out")
     state = state or {"args": key_args, "configs": [c.to_dict() for c in cfgs], "m": {}, "bytes": {}}
@@ -99,15 +105,16 @@ def validate_latency(*, model: str = "smollm2-135m", tables: list[Path], samples
     art = out / "artifacts"
     isa = runner.cpu_info()["isa"]
     deployed = sorted((t for t in targets if not t.startswith("torch")), key=lambda t: t != "onnxruntime-fp32")
-    with tqdm(total=len(cfgs), desc="build sub-networks", unit="net", disable=not progress) as bar:
-        for i, cfg in enumerate(cfgs):
+    nets = {**{str(i): c for i, c in enumerate(cfgs)}, "ref": space.max_config()}
+    with tqdm(total=len(nets), desc="build sub-networks", unit="net", disable=not progress) as bar:
+        for i, cfg in nets.items():
             sub = None  # extracted once per sub-network, only when something is still to build or weigh
             for t in deployed:
-                d = art / str(i) / t
+                d = art / i / t
                 if not (d / "done").is_file():
                     shutil.rmtree(d, ignore_errors=True)
                     runtime, precision = t.split("-")
-                    fp32 = art / str(i) / "onnxruntime-fp32"  # quantize the fp32 export when it is validated too
+                    fp32 = art / i / "onnxruntime-fp32"  # quantize the fp32 export when it is validated too
                     src = fp32 / "model.onnx" if (fp32 / "done").is_file() and runtime == "onnxruntime" else None
                     sub = sub if sub is not None else sn.extract(cfg)
                     f = build_deployed(sub, runtime, precision, d, isa=isa, onnx_fp32=src)
@@ -120,39 +127,46 @@ def validate_latency(*, model: str = "smollm2-135m", tables: list[Path], samples
             del sub
             bar.update(1)
     flusher, sig = runner.CacheFlusher(), model_signature(config)
-    jobs = [(k, i, t, ph, tok) for k in range(passes) for i in (range(len(cfgs)) if k % 2 == 0 else reversed(range(len(cfgs))))
+    order = [str(i) for i in range(len(cfgs))]
+    jobs = [(k, i, t, ph, tok) for k in range(passes) for i in ["ref"] + (order if k % 2 == 0 else order[::-1])
             for t in targets for ph, tok in phases]
     with tqdm(total=len(jobs), desc="measure", unit="run", disable=not progress) as bar:
         for k, i, t, ph, tok in jobs:
             key = f"{k}/{i}/{t}/{phase_key(ph, tok)}"
             if key not in state["m"]:
-                state["m"][key] = _measure(sn, cfgs[i], t, art / str(i) / t, ph, tok, threads, flusher, sig)["median_ms"]
+                state["m"][key] = _measure(sn, nets[i], targets[t].table.header, art / i / t, ph, tok, threads, flusher,
+                                           sig)["median_ms"]
                 atomic_write_json(state_path, state)
             bar.update(1)
-    report = _report(preds, targets, cfgs, phases, state, passes)
+    report = _report(targets, cfgs, nets["ref"], phases, state, passes)
     atomic_write_json(out / "latency_validation.json", report)
     scatter_plot(report, out / "latency_scatter.png")
     if not keep_artifacts:
         shutil.rmtree(art, ignore_errors=True)
-    return {"out": str(out), **{t: {pk: {k: r[k] for k in ("within_10pct", "mape", "kendall_tau", "n")}
+    return {"out": str(out), **{t: {pk: {**{k: r[k] for k in ("within_10pct", "mape", "kendall_tau", "n")},
+                                         "ratio_within_10pct": r["ratio_to_full"]["within_10pct"]}
                                      for pk, r in v["phases"].items()} for t, v in report["tables"].items()}}
 
 
-def _measure(sn: Any, cfg: SubnetConfig, target: str, folder: Path, phase: str, tokens: int, threads: int,
+def _measure(sn: Any, cfg: SubnetConfig, header: dict[str, Any], folder: Path, phase: str, tokens: int, threads: int,
              flusher: Any, sig: dict[str, int]) -> dict[str, Any]:
-    runtime = target.split("-")[0]
-    w, r = (2, 7) if phase == "prefill" else (3, 20)
+    runtime = header["runtime"]
+    w, r = e2e_timing(header)
     if runtime == "torch":
-        return measure_torch_model(sn.extract(cfg), phase, tokens, warmup=1 if phase == "prefill" else w,
-                                   repeats=5 if phase == "prefill" else r)
+        return measure_torch_model(sn.extract(cfg), phase, tokens, warmup=w, repeats=r)
     item = {"file": (folder / "done").read_text(), **deployed_inputs(cfg, sig, runtime, phase, tokens)}
     return runner.measure_item(item, folder, runtime=runtime, threads=threads, warmup=w, repeats=r, flush=flusher)
 
 
-def _report(preds: list[LatencyPredictor], targets: dict[str, LatencyPredictor], cfgs: list[SubnetConfig],
+def _report(targets: dict[str, LatencyPredictor], cfgs: list[SubnetConfig], ref: SubnetConfig,
             phases: list[tuple[str, int]], state: dict[str, Any], passes: int) -> dict[str, Any]:
     import numpy as np
     from scipy import stats
+
+    def agreement(pred: np.ndarray, meas: np.ndarray) -> dict[str, float]:
+        err = (pred - meas) / meas
+        return {"within_10pct": float(np.mean(np.abs(err) <= 0.10)), "mape": float(np.mean(np.abs(err))),
+                "max_abs_err": float(np.max(np.abs(err))), "mean_signed_err": float(np.mean(err))}
 
     out: dict[str, Any] = {"samples": len(cfgs), "passes": passes, "configs": [c.to_dict() for c in cfgs], "tables": {}}
     for t, p in targets.items():
@@ -160,17 +174,22 @@ def _report(preds: list[LatencyPredictor], targets: dict[str, LatencyPredictor],
         for ph, tok in phases:
             pk = phase_key(ph, tok)
             runs = np.array([[state["m"][f"{k}/{i}/{t}/{pk}"] for k in range(passes)] for i in range(len(cfgs))])
-            meas = runs.mean(1)
+            meas = np.median(runs, 1)
             pred = np.array([p.latency_ms(c, ph, tok) for c in cfgs])
-            err = (pred - meas) / meas
-            rep = np.abs(runs[:, 0] - runs[:, -1]) / meas if passes > 1 else np.zeros(len(cfgs))
+            # every pair of passes of the same sub-network: how far the measurement repeats itself
+            pairs = [(a, b) for a in range(passes) for b in range(a + 1, passes)]
+            rep = (np.array([np.abs(runs[:, a] - runs[:, b]) / meas for a, b in pairs]) if pairs
+                   else np.zeros((1, len(cfgs))))
+            ref_runs = np.array([state["m"][f"{k}/ref/{t}/{pk}"] for k in range(passes)])
+            ref_meas, ref_pred = float(np.median(ref_runs)), p.latency_ms(ref, ph, tok)
             entry["phases"][pk] = {
-                "n": len(cfgs), "within_10pct": float(np.mean(np.abs(err) <= 0.10)), "mape": float(np.mean(np.abs(err))),
-                "max_abs_err": float(np.max(np.abs(err))), "mean_signed_err": float(np.mean(err)),
+                "n": len(cfgs), **agreement(pred, meas),
                 "kendall_tau": float(stats.kendalltau(pred, meas).statistic),
                 "spearman": float(stats.spearmanr(pred, meas).statistic),
                 "repeatability": {"median_pass_diff": float(np.median(rep)), "max_pass_diff": float(np.max(rep)),
                                   "within_10pct_between_passes": float(np.mean(rep <= 0.10))},
+                "ratio_to_full": {**agreement(pred / ref_pred, meas / ref_meas), "full_measured_ms": round(ref_meas, 3),
+                                  "full_predicted_ms": round(ref_pred, 3), "full_passes_ms": ref_runs.round(3).tolist()},
                 "predicted_ms": pred.round(3).tolist(), "measured_ms": meas.round(3).tolist(),
                 "passes_ms": runs.round(3).tolist(),
             }
@@ -202,7 +221,8 @@ def scatter_plot(report: dict[str, Any], path: Path) -> Path:
         ax.plot(xs, xs, "k--", lw=0.8)
         ax.scatter(m, p, s=14)
         ax.set(xlabel="measured ms", ylabel="predicted ms", xlim=(lo, hi), ylim=(lo, hi),
-               title=f"{t} {pk}\nwithin10%={r['within_10pct']:.2f} tau={r['kendall_tau']:.2f} n={r['n']}")
+               title=f"{t} {pk}\nwithin10%={r['within_10pct']:.2f} (ratio to full "
+                     f"{r['ratio_to_full']['within_10pct']:.2f}) tau={r['kendall_tau']:.2f} n={r['n']}")
         ax.title.set_fontsize(9)
     axes.flat[0].legend(loc="upper left", fontsize=8)
     fig.tight_layout()
