@@ -12,6 +12,17 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 
+def pad_batch(rows: Sequence[Sequence[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows padded on the right to one width (causal attention never reads the padding): (ids, mask)."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: int = 8, max_len: int = 512,
                progress: bool = True) -> dict[str, float]:
@@ -24,13 +35,7 @@ def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: 
         enc = [ids for ids in enc if len(ids) > 1]
         if not enc:
             continue
-        width = max(map(len, enc))
-        ids = torch.zeros(len(enc), width, dtype=torch.long)
-        mask = torch.zeros(len(enc), width, dtype=torch.long)
-        for i, row in enumerate(enc):
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = (t.to(device) for t in pad_batch(enc))
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
         target, valid = ids[:, 1:], mask[:, 1:].bool()
         loss = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")

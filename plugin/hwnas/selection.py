@@ -50,16 +50,15 @@ class LastWordNLL:
     def __call__(self, cfg: SubnetConfig) -> float:
         import torch
 
+        from .evaluate import pad_batch
+
         self.sn.set_active(cfg, quant=self.quant)
         order = sorted(range(len(self.seqs)), key=lambda i: len(self.seqs[i]))
         total = 0.0
         with torch.no_grad():
             for k in range(0, len(order), self.batch_size):
                 idx = order[k:k + self.batch_size]
-                width = max(len(self.seqs[i]) for i in idx)
-                x = torch.full((len(idx), width), self.pad)
-                for r, i in enumerate(idx):  # right padding: causal attention never reads it
-                    x[r, :len(self.seqs[i])] = torch.tensor(self.seqs[i])
+                x, _ = pad_batch([self.seqs[i] for i in idx], self.pad)
                 logp = torch.log_softmax(self.sn(x).logits.float(), -1)
                 for r, i in enumerate(idx):
                     s, n = self.seqs[i], self.targets[i]
