@@ -27,7 +27,7 @@ from pathlib import Path
 
 import hwnas  # noqa: F401  (keeps caches inside the project)
 from hwnas.common import HwnasError, atomic_write_json, atomic_write_text, home, read_json
-from hwnas.hub import DEFAULT_MODEL, resolve_model
+from hwnas.hub import DEFAULT_MODEL, read_llama_config, resolve_model
 from hwnas.lmeval import headline
 
 BASELINES = ("layer-drop", "width-uniform", "random")
@@ -112,7 +112,9 @@ def measure_all(paths: dict[str, Path], new_tokens: int, repeats: int, rounds: i
     f = work / "benchmark.json"
     labels = sorted(paths)
     report = read_json(f, "benchmark") if f.exists() else None
-    if not report or sorted(e["label"] for e in report["models"]) != labels:
+    asked = {"new_tokens": new_tokens, "repeats": repeats, "rounds": rounds}
+    if (not report or sorted(e["label"] for e in report["models"]) != labels
+            or {k: report["settings"].get(k) for k in asked} != asked):  # measured with other settings: measure again
         report = benchmark([str(paths[k]) for k in labels], labels=labels, runtime="onnxruntime", new_tokens=new_tokens,
                            repeats=repeats, rounds=rounds, out=f)
     return {e["label"]: e for e in report["models"]}, report
@@ -158,13 +160,15 @@ def main(model: str, table: Path, ratios: list[float], tasks: list[str], limit: 
     evals = evaluate_all(paths, tasks, limit, work)
     bench, report = measure_all(paths, new_tokens, repeats, rounds, work)
     full_key = key(rows[0])
+    full_layers = read_llama_config(resolve_model(model))["num_hidden_layers"]
     full = bench[full_key]
     for row in rows:
         k = key(row)
         e = bench[k]
-        row.update(artifact=str(paths[k]), layers=None if row["config"] is None else len(row["config"]["layers"]),
+        row.update(artifact=str(paths[k]), layers=full_layers if row["config"] is None else len(row["config"]["layers"]),
                    tasks=evals[k]["tasks"], accuracy=evals[k]["mean_acc_norm_or_acc"], accuracy_stderr=mean_stderr(evals[k]),
                    decode_ms=e["decode_ms_per_token"]["median"], prefill_ms=e["prefill_ms"]["median"],
+                   decode_spread=e["decode_ms_per_token"]["spread"], prefill_spread=e["prefill_ms"]["spread"],
                    decode_ratio=e["decode_ms_per_token"]["median"] / full["decode_ms_per_token"]["median"],
                    prefill_ratio=e["prefill_ms"]["median"] / full["prefill_ms"]["median"],
                    file_bytes=e["file_bytes"], size_ratio=e["file_bytes"] / full["file_bytes"],
@@ -194,11 +198,12 @@ def markdown(result: dict) -> str:
              f"Accuracy: lm-eval {result['lm_eval_version']}, zero-shot, items per task: {items}; acc_norm for ARC, PIQA "
              "and HellaSwag, acc for LAMBADA; ± is the standard error. Mean: the mean of those. Latency: measured decode "
              f"ms/token and prefill of a {s['prompt_tokens']}-token prompt, medians of {s['rounds']} interleaved rounds "
-             f"of {s['repeats']} runs, all models in one run; ratios are to the full int8 model. Target: the ratio of the "
+             f"of {s['repeats']} runs, all models in one run; ratios are to the full int8 model; spread: (max - min) / median "
+             "of a model's round medians, how much the machine disturbed its rounds. Target: the ratio of the "
              f"full model's predicted decode latency; search and random get {result['search_evaluations']} real quality "
              "evaluations each.", "",
              "| target | method | layers | KL | " + " | ".join(tasks) + " | mean | decode ratio (pred.) | decode ms "
-             "| prefill ratio | size MB |",
+             "(spread) | prefill ratio (spread) | size MB |",
              "|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|"]
     for r in result["rows"]:
         acc = []
@@ -206,9 +211,10 @@ def markdown(result: dict) -> str:
             a, se = headline(r["tasks"][t])
             acc.append(f"{a * 100:.1f} ± {se * 100:.1f}")
         target = "full" if r["method"] == "full" else f"{r['ratio']:.2f}"
-        lines.append(f"| {target} | {r['method']} | {r['layers'] or '30'} | {r['kl']:.2f} | " + " | ".join(acc)
+        lines.append(f"| {target} | {r['method']} | {r['layers']} | {r['kl']:.2f} | " + " | ".join(acc)
                      + f" | **{r['accuracy'] * 100:.1f}** ± {r['accuracy_stderr'] * 100:.1f} | {r['decode_ratio']:.2f} "
-                     f"({r['predicted_ratio']:.2f}) | {r['decode_ms']:.2f} | {r['prefill_ratio']:.2f} | "
+                     f"({r['predicted_ratio']:.2f}) | {r['decode_ms']:.2f} ({r['decode_spread']:.0%}) | "
+                     f"{r['prefill_ratio']:.2f} ({r['prefill_spread']:.0%}) | "
                      f"{r['file_bytes'] / 1e6:.0f} |")
     lines += ["", *[f"- {v}" for v in result["verdicts"]]]
     return "\n".join(lines) + "\n"
@@ -254,7 +260,7 @@ if __name__ == "__main__":
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds; the median rejects up to 3 disturbed ones")
     p.add_argument("--work", type=Path, default=None, help="working folder (default .cache/hwnas/compare)")
     p.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     a = p.parse_args()

@@ -37,7 +37,8 @@ def test_validate_latency_end_to_end(tiny_tables, tiny_model, tmp_path):
             assert ph["repeatability"]["max_pass_diff"] >= 0
             # the full model, measured in every pass, is the drift reference of the predicted ratios
             ratio = ph["ratio_to_full"]
-            assert len(ratio["full_passes_ms"]) == 3 and ratio["full_measured_ms"] == sorted(ratio["full_passes_ms"])[1]
+            runs = sorted(x for row in ratio["full_passes_ms"] for x in row)  # before each of 4 nets, in 3 passes
+            assert len(runs) == 12 and ratio["full_measured_ms"] == pytest.approx((runs[5] + runs[6]) / 2, abs=2e-3)
             errs = [abs(p / ratio["full_predicted_ms"] / (m / ratio["full_measured_ms"]) - 1)
                     for p, m in zip(ph["predicted_ms"], ph["measured_ms"])]
             assert ratio["mape"] == pytest.approx(sum(errs) / len(errs), rel=1e-2, abs=1e-3)

@@ -9,8 +9,8 @@ interleaved per sub-network, so machine drift hits them alike. The measured late
 the passes, as a table keeps the median of its rounds; the passes' disagreement is reported as the
 measurement's repeatability, beside the predictor's error, so a reader can tell one from the other.
 
-Each pass also measures the full model, the drift reference. The report adds the error of the
-predicted ratio to the full model (what the search's `--latency-ratio` budgets use), which a uniform
+Each pass also measures the full model just before every sub-network: the drift reference, the median
+of all those runs. The report adds the error of the predicted ratio to the full model (what the search's `--latency-ratio` budgets use), which a uniform
 change of the machine's speed between profiling and validation leaves untouched.
 """
 from __future__ import annotations
@@ -96,7 +96,7 @@ def validate_latency(*, model: str = "smollm2-135m", tables: list[Path], samples
     state_path = out / "measurements.json"
     state = read_json(state_path, "validation state") if state_path.is_file() else {}
     key_args = {"model": model, "tables": sorted(targets), "samples": samples, "seed": seed, "passes": passes,
-                "reference": "full"}
+                "reference": "full, before every sub-network"}
     if state and state.get("args") != key_args:
         raise HwnasError(f"{out} holds a validation run with other arguments ({state.get('args')}); use another --out")
     state = state or {"args": key_args, "configs": [c.to_dict() for c in cfgs], "m": {}, "bytes": {}}
@@ -127,15 +127,17 @@ def validate_latency(*, model: str = "smollm2-135m", tables: list[Path], samples
             del sub
             bar.update(1)
     flusher, sig = runner.CacheFlusher(), model_signature(config)
+    # the full model (the drift reference) is measured just before every sub-network, in every pass:
+    # one measurement per pass is as exposed to a disturbed moment as any other
     order = [str(i) for i in range(len(cfgs))]
-    jobs = [(k, i, t, ph, tok) for k in range(passes) for i in ["ref"] + (order if k % 2 == 0 else order[::-1])
-            for t in targets for ph, tok in phases]
+    jobs = [(k, j, net, t, ph, tok) for k in range(passes) for i in (order if k % 2 == 0 else order[::-1])
+            for j, net in ((f"ref@{i}", "ref"), (i, i)) for t in targets for ph, tok in phases]
     with tqdm(total=len(jobs), desc="measure", unit="run", disable=not progress) as bar:
-        for k, i, t, ph, tok in jobs:
-            key = f"{k}/{i}/{t}/{phase_key(ph, tok)}"
+        for k, j, net, t, ph, tok in jobs:
+            key = f"{k}/{j}/{t}/{phase_key(ph, tok)}"
             if key not in state["m"]:
-                state["m"][key] = _measure(sn, nets[i], targets[t].table.header, art / i / t, ph, tok, threads, flusher,
-                                           sig)["median_ms"]
+                state["m"][key] = _measure(sn, nets[net], targets[t].table.header, art / net / t, ph, tok, threads,
+                                           flusher, sig)["median_ms"]
                 atomic_write_json(state_path, state)
             bar.update(1)
     report = _report(targets, cfgs, nets["ref"], phases, state, passes)
@@ -180,7 +182,7 @@ def _report(targets: dict[str, LatencyPredictor], cfgs: list[SubnetConfig], ref:
             pairs = [(a, b) for a in range(passes) for b in range(a + 1, passes)]
             rep = (np.array([np.abs(runs[:, a] - runs[:, b]) / meas for a, b in pairs]) if pairs
                    else np.zeros((1, len(cfgs))))
-            ref_runs = np.array([state["m"][f"{k}/ref/{t}/{pk}"] for k in range(passes)])
+            ref_runs = np.array([[state["m"][f"{k}/ref@{i}/{t}/{pk}"] for k in range(passes)] for i in range(len(cfgs))])
             ref_meas, ref_pred = float(np.median(ref_runs)), p.latency_ms(ref, ph, tok)
             entry["phases"][pk] = {
                 "n": len(cfgs), **agreement(pred, meas),
@@ -189,7 +191,8 @@ def _report(targets: dict[str, LatencyPredictor], cfgs: list[SubnetConfig], ref:
                 "repeatability": {"median_pass_diff": float(np.median(rep)), "max_pass_diff": float(np.max(rep)),
                                   "within_10pct_between_passes": float(np.mean(rep <= 0.10))},
                 "ratio_to_full": {**agreement(pred / ref_pred, meas / ref_meas), "full_measured_ms": round(ref_meas, 3),
-                                  "full_predicted_ms": round(ref_pred, 3), "full_passes_ms": ref_runs.round(3).tolist()},
+                                  "full_predicted_ms": round(ref_pred, 3), "full_passes_ms": ref_runs.round(3).tolist(),
+                                  "full_repeat_median_diff": float(np.median(np.abs(ref_runs - ref_meas)) / ref_meas)},
                 "predicted_ms": pred.round(3).tolist(), "measured_ms": meas.round(3).tolist(),
                 "passes_ms": runs.round(3).tolist(),
             }
