@@ -10,8 +10,9 @@ the passes, as a table keeps the median of its rounds; the passes' disagreement 
 measurement's repeatability, beside the predictor's error, so a reader can tell one from the other.
 
 Each pass also measures the full model just before every sub-network: the drift reference, the median
-of all those runs. The report adds the error of the predicted ratio to the full model (what the search's `--latency-ratio` budgets use), which a uniform
-change of the machine's speed between profiling and validation leaves untouched.
+of all those runs. The report adds the error of the predicted ratio to the full model (what the
+search's `--latency-ratio` budgets use), which a uniform change of the machine's speed between
+profiling and validation leaves untouched.
 """
 from __future__ import annotations
 
