@@ -513,6 +513,7 @@ def _profile_torch(model: str, model_dir: Path, space: SearchSpace, header: dict
         torch.set_num_threads(threads)
     config = LlamaConfig(**{k: v for k, v in read_json(model_dir / "config.json").items() if k != "model_type"})
     w, r = header["warmup"], header["repeats"]
+    e2e_w, e2e_r = e2e_timing(header)
     blocks = blocks_for(space, header["phases"])
     cal = calibration_configs(space, calibration)
     # One job per block and per (calibration sub-network, phase); every job is measured in ROUNDS
@@ -540,7 +541,6 @@ def _profile_torch(model: str, model_dir: Path, space: SearchSpace, header: dict
                                                       calibration=None)
                         subs = {c: sn.extract(c) for c in cal}
                     cfg, ph, t = job
-                    e2e_w, e2e_r = e2e_timing(header)
                     stats = measure_torch_model(subs[cfg], ph, t, warmup=e2e_w, repeats=e2e_r)
                 pending.setdefault(key, []).append({k: v for k, v in stats.items() if k != "samples_ms"})
                 if len(pending[key]) == ROUNDS:
