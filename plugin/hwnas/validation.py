@@ -155,8 +155,8 @@ def validate_latency(*, model: str = "smollm2-135m", tables: list[Path], samples
                                      for pk, r in v["phases"].items()} for t, v in report["tables"].items()}}
 
 
-def _measure(extract: Any, cfg: SubnetConfig, header: dict[str, Any], folder: Path, phase: str, tokens: int, threads: int,
-             flusher: Any, sig: dict[str, int]) -> dict[str, Any]:
+def _measure(extract: Any, cfg: SubnetConfig, header: dict[str, Any], folder: Path, phase: str, tokens: int,
+             threads: int, flusher: Any, sig: dict[str, int]) -> dict[str, Any]:
     runtime = header["runtime"]
     w, r = e2e_timing(header)
     if runtime == "torch":
@@ -187,7 +187,8 @@ def _report(targets: dict[str, LatencyPredictor], cfgs: list[SubnetConfig], ref:
             pairs = [(a, b) for a in range(passes) for b in range(a + 1, passes)]
             rep = (np.array([np.abs(runs[:, a] - runs[:, b]) / meas for a, b in pairs]) if pairs
                    else np.zeros((1, len(cfgs))))
-            ref_runs = np.array([[state["m"][f"{k}/ref@{i}/{t}/{pk}"] for k in range(passes)] for i in range(len(cfgs))])
+            ref_runs = np.array([[state["m"][f"{k}/ref@{i}/{t}/{pk}"] for k in range(passes)]
+                                 for i in range(len(cfgs))])
             ref_meas, ref_pred = float(np.median(ref_runs)), p.latency_ms(ref, ph, tok)
             entry["phases"][pk] = {
                 "n": len(cfgs), **agreement(pred, meas),
