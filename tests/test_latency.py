@@ -105,6 +105,17 @@ def test_onnxruntime_int8_blocks_are_quantized_like_the_deployed_model(tiny_mode
     assert json.loads((d / "manifest.json").read_text())["table_header"]["mixed_precision"] == ["down_proj"]
 
 
+def test_onnxruntime_int4_blocks_are_matmulnbits_like_the_deployed_model(tiny_model, tmp_path):
+    import onnx
+
+    d = tmp_path / "blocks"
+    profile(model=str(tiny_model), runtime="onnxruntime", precision="int4", calibration=1, export_blocks=d, progress=False)
+    ops = lambda f: [n.op_type for n in onnx.load(str(d / f)).graph.node]  # noqa: E731
+    assert ops("blocks/mlp.i128__decode.c128.onnx").count("MatMulNBits") == 3 * STACK
+    deployed = ops("e2e/0/model_int4.onnx")
+    assert deployed.count("MatMulNBits") == 7 * 4 and "MatMul" in deployed  # the tied LM head stays fp32
+
+
 def test_onnxruntime_int8_table_offers_fp32_down_proj(tiny_int8_table, tiny_model):
     from hwnas.quantize import settings_for
     from hwnas.runner import cpu_info
