@@ -313,8 +313,8 @@ def _markdown(out: Path, r: dict[str, Any], table: Path) -> str:
         mean = f"{qq['accuracy']['mean_acc_norm_or_acc']:.3f}" if qq else "-"
         lines.append(f"| {name} ({Path(r['artifacts'][name]).name}) | {_fmt(row['prefill_ms'], '.1f')} | "
                      f"{_fmt(row['decode_ms_per_token'], '.2f')} | {_fmt(row['tokens_per_s'], '.1f')} | "
-                     f"{_fmt(row['ttft_ms'], '.1f')} | {_fmt(row['peak_rss_bytes'] / 2**20, '.0f')} | "
-                     f"{_fmt(row['file_bytes'] / 2**20, '.1f')} | {ppl} | {' | '.join(accs)} | {mean} |")
+                     f"{_fmt(row['ttft_ms'], '.1f')} | {_fmt(row['peak_rss_bytes'] / 1e6, '.0f')} | "
+                     f"{_fmt(row['file_bytes'] / 1e6, '.1f')} | {ppl} | {' | '.join(accs)} | {mean} |")
     n_ppl = q["full"]["perplexity"]["passages"]
     items = ", ".join(f"{t} {v['n']}" for t, v in q["full"]["accuracy"]["tasks"].items())
     lines += [
