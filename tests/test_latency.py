@@ -105,15 +105,26 @@ def test_onnxruntime_int8_blocks_are_quantized_like_the_deployed_model(tiny_mode
     assert json.loads((d / "manifest.json").read_text())["table_header"]["mixed_precision"] == ["down_proj"]
 
 
-def test_onnxruntime_int4_blocks_are_matmulnbits_like_the_deployed_model(tiny_model, tmp_path):
+@pytest.mark.parametrize("precision", ["int8-wo", "int4"])
+def test_onnxruntime_weight_only_blocks_are_matmulnbits_like_the_deployed_model(tiny_model, tmp_path, precision):
     import onnx
 
+    from hwnas.quantize import settings_for
+    from hwnas.runner import cpu_info
+
     d = tmp_path / "blocks"
-    profile(model=str(tiny_model), runtime="onnxruntime", precision="int4", calibration=1, export_blocks=d, progress=False)
+    profile(model=str(tiny_model), runtime="onnxruntime", precision=precision, calibration=1, export_blocks=d,
+            progress=False)
     ops = lambda f: [n.op_type for n in onnx.load(str(d / f)).graph.node]  # noqa: E731
     assert ops("blocks/mlp.i128__decode.c128.onnx").count("MatMulNBits") == 3 * STACK
-    deployed = ops("e2e/0/model_int4.onnx")
-    assert deployed.count("MatMulNBits") == 7 * 4 and "MatMul" in deployed  # the tied LM head stays fp32
+    head, deployed = ops("blocks/head__decode.c128.onnx"), ops(f"e2e/0/model_{precision}.onnx")
+    if precision == "int8-wo":  # the tied LM head gets its own weight and is quantized, as by `ort-int8-wo`
+        assert "MatMulNBits" in head and deployed.count("MatMulNBits") == 7 * 4 + 1
+    else:  # int4 keeps the tied LM head fp32
+        assert "MatMulNBits" not in head and deployed.count("MatMulNBits") == 7 * 4 and "MatMul" in deployed
+    header = json.loads((d / "manifest.json").read_text())["table_header"]
+    assert header["quantization"] == settings_for("onnxruntime", precision, cpu_info()["isa"])
+    assert "mixed_precision" not in header  # fp32 down_proj is a remedy for dynamic int8 only
 
 
 def test_onnxruntime_int8_table_offers_fp32_down_proj(tiny_int8_table, tiny_model):

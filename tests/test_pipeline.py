@@ -82,3 +82,14 @@ def test_run_refuses_a_table_or_target_that_does_not_match(kwargs, match, tiny_m
 
     with pytest.raises(HwnasError, match=match):
         run(model=str(tiny_model), table=tiny_tables["onnxruntime"], out=tmp_path / "r", progress=False, **kwargs)
+
+
+def test_every_quantized_target_has_its_method_and_the_settings_its_table_records():
+    from hwnas.latency import PRECISIONS
+    from hwnas.pipeline import DEPLOY_METHODS
+    from hwnas.quantize import METHODS, settings_for
+
+    for (runtime, precision), method in DEPLOY_METHODS.items():
+        assert method in METHODS and precision in PRECISIONS[runtime]
+        assert settings_for(runtime, precision, "avx512vnni")["method"]
+    assert settings_for("onnxruntime", "int8-wo", "avx2") == settings_for("onnxruntime", "int8-wo", "avx512vnni")

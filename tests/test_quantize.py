@@ -179,7 +179,9 @@ def test_ort_int8_keeps_the_down_proj_a_subnet_marks_fp32(subnet_dir, tiny_model
         quantize(tiny_model, "ov-int8", tmp_path / "x", keep_fp32="down_proj")
 
 
-def test_ort_int8_stores_the_embedding_in_int8_and_the_size_model_counts_every_byte(subnet_dir, tiny_model, tmp_path):
+@pytest.mark.parametrize("method", ["ort-int8", "ort-int8-wo"])
+def test_ort_int8_stores_the_embedding_in_int8_and_the_size_model_counts_every_byte(subnet_dir, tiny_model, tmp_path,
+                                                                                   method):
     import numpy as np
     import onnx
     from onnx import numpy_helper
@@ -188,7 +190,7 @@ def test_ort_int8_stores_the_embedding_in_int8_and_the_size_model_counts_every_b
     from hwnas.predictor import size_bytes
     from hwnas.space import SubnetConfig
 
-    report = quantize(subnet_dir, "ort-int8", tmp_path / "q")
+    report = quantize(subnet_dir, method, tmp_path / "q")
     assert report["settings"]["int8_embeddings"] == ["model.embed_tokens.weight"]
     graph = onnx.load(str(tmp_path / "q" / "model.onnx")).graph
     weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
@@ -197,8 +199,8 @@ def test_ort_int8_stores_the_embedding_in_int8_and_the_size_model_counts_every_b
     big_floats = [k for k, a in weights.items() if a.dtype == np.float32 and a.ndim == 2 and a.size > 320]
     assert big_floats == [], f"fp32 matrices left: {big_floats}"
     sig = model_signature(json.loads((tiny_model / "config.json").read_text()))
-    predicted = size_bytes(SubnetConfig(**SUBNET), sig, runtime="onnxruntime", precision="int8", tied=False,
-                           int8_embedding=True)
+    predicted = size_bytes(SubnetConfig(**SUBNET), sig, runtime="onnxruntime", precision=method.removeprefix("ort-"),
+                           tied=False, int8_embedding=True)
     assert predicted == sum(a.nbytes for a in weights.values())
 
 

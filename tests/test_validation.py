@@ -52,6 +52,17 @@ def test_validate_latency_end_to_end(tiny_tables, tiny_model, tmp_path):
         validate_latency(model=str(tiny_model), tables=[tiny_tables["torch"]], samples=4, out=out, progress=False)
 
 
+def test_validate_latency_of_a_weight_only_int8_table(tiny_model, tmp_path):
+    """A precision whose name holds a dash (int8-wo) is built, quantized and measured like the others."""
+    from hwnas.latency import profile
+
+    table = profile(model=str(tiny_model), runtime="onnxruntime", precision="int8-wo", calibration=1, warmup=1,
+                    repeats=3, prefill=[16], decode=[16], out=tmp_path / "wo.json", progress=False)["table"]
+    r = validate_latency(model=str(tiny_model), tables=[table], samples=3, passes=1, out=tmp_path / "v",
+                         progress=False)
+    assert r["onnxruntime-int8-wo"]["decode.c16"]["n"] == 3 and r["onnxruntime-int8-wo"]["prefill.s16"]["n"] == 3
+
+
 def test_validate_latency_refuses_a_foreign_table(tiny_tables, tiny_model, tmp_path):
     t = json.loads(tiny_tables["torch"].read_text())
     t["header"]["device"]["id"] = "cpu-elsewhere-neon-t2"

@@ -285,7 +285,8 @@ def _parser() -> argparse.ArgumentParser:
     c = cmd("profile", profile, "measure a latency lookup table on this device")
     model_arg(c)
     c.add_argument("--runtime", default="onnxruntime", choices=["torch", "onnxruntime", "openvino"])
-    c.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8", "int4"])
+    c.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8", "int8-wo", "int4"],
+                   help="int8: onnxruntime's dynamic int8 or OpenVINO's weight-only; int8-wo: onnxruntime weight-only")
     c.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     c.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
     c.add_argument("--prefill", type=int, nargs="+", default=[128], help="prompt lengths (default 128)")
@@ -348,7 +349,7 @@ def _parser() -> argparse.ArgumentParser:
     c = cmd("run", run, "the main job: search, export, quantize, benchmark and evaluate; writes OUT/report.md")
     model_arg(c)
     c.add_argument("--runtime", default="onnxruntime", choices=["torch", "onnxruntime", "openvino"])
-    c.add_argument("--precision", default="int8", choices=["fp32", "int8", "int4"])
+    c.add_argument("--precision", default="int8", choices=["fp32", "int8", "int8-wo", "int4"])
     c.add_argument("--latency-ratio", type=float, default=0.75, help="latency budget as a fraction of the full model's")
     c.add_argument("--budget", default="quick", choices=["quick", "full"], help="search and evaluation effort")
     c.add_argument("--phase", default="decode", choices=["prefill", "decode"], help="latency the budget applies to")

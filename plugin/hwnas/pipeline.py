@@ -38,7 +38,8 @@ BUDGETS = {
                    tasks=("lambada", "arc_easy", "piqa", "hellaswag"), task_items=500, new_tokens=64, rounds=5),
 }
 # The quantization method that deploys a latency table's runtime/precision (the table was measured with the same settings).
-DEPLOY_METHODS = {("onnxruntime", "int8"): "ort-int8", ("openvino", "int8"): "ov-int8", ("openvino", "int4"): "ov-int4"}
+DEPLOY_METHODS = {("onnxruntime", "int8"): "ort-int8", ("onnxruntime", "int8-wo"): "ort-int8-wo",
+                  ("openvino", "int8"): "ov-int8", ("openvino", "int4"): "ov-int4"}
 TARGETS = [("torch", "fp32"), ("onnxruntime", "fp32"), ("openvino", "fp32"), *DEPLOY_METHODS]
 
 

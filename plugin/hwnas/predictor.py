@@ -219,9 +219,12 @@ def _matrix_bytes(rows: int, cols: int, runtime: str, precision: str) -> float:
         return 2 * n
     if precision == "int8":  # per-output-channel scale and zero point
         return n + rows * (5 if runtime == "onnxruntime" else 3)
+    if precision == "int8-wo":  # ORT MatMulNBits: symmetric blocks of 64 along the input (padded), fp32 scales
+        blocks = rows * -(-cols // 64)
+        return blocks * (64 + 4)
     if precision == "int4":  # ORT MatMulNBits: blocks of 32 with fp32 scales; NNCF: groups of 64, f16 scale, u4 zp
         return n / 2 + (n / 32 * 4 if runtime == "onnxruntime" else n / 64 * 2.5)
-    raise HwnasError(f"precision {precision!r} has no size model; expected fp32, fp16, bf16, int8 or int4")
+    raise HwnasError(f"precision {precision!r} has no size model; expected fp32, fp16, bf16, int8, int8-wo or int4")
 
 
 def size_bytes(cfg: SubnetConfig, sig: dict[str, int], *, runtime: str, precision: str, tied: bool,
@@ -229,7 +232,7 @@ def size_bytes(cfg: SubnetConfig, sig: dict[str, int], *, runtime: str, precisio
     """Weight bytes of a deployed sub-network, following what each runtime's quantizer touches.
 
     onnxruntime's dynamic quantization (MatMul only) keeps the embedding in fp32 unless hwnas stores it in int8 with a
-    scale per row (`int8_embedding`, int8 only), the LM head with the embedding when tied and not untied, and the
+    scale per row (`int8_embedding`: int8 and int8-wo), the LM head with the embedding when tied and not untied, and the
     down_proj of layers marked in `cfg.fp32_down`; NNCF compresses the embedding too, and keeps the LM head in int8 in
     int4 mode.
     """
@@ -238,8 +241,8 @@ def size_bytes(cfg: SubnetConfig, sig: dict[str, int], *, runtime: str, precisio
                 for r, c, fp32 in linear_shapes(cfg, sig))
     vocab, hidden = sig["vocab_size"], sig["hidden_size"]
     total += 4 * hidden * (2 * cfg.depth + 1)  # RMSNorm weights stay fp32
-    quantized = precision in ("int8", "int4")
-    if mixed and int8_embedding:
+    quantized = precision in ("int8", "int8-wo", "int4")
+    if runtime == "onnxruntime" and int8_embedding:
         total += vocab * hidden + 4 * vocab
     else:
         emb_precision = "int8" if quantized and runtime == "openvino" else ("fp32" if quantized else precision)

@@ -150,20 +150,17 @@ def down_proj_nodes(graph: Any, layers: Collection[int] | str) -> list[str]:
 
 
 def quantize_onnx(src: str | Path, dst: str | Path, *, precision: str, isa: str,
-                  fp32_down: Collection[int] | str = (), weight_only: bool = False) -> dict[str, Any]:
+                  fp32_down: Collection[int] | str = ()) -> dict[str, Any]:
     """Quantize the ONNX graph `src` into `dst` for onnxruntime; returns the settings used.
 
-    int8 is dynamic quantization (`quantize_dynamic`) unless `weight_only` (MatMulNBits, `ORT_INT8_WO`).
-    Dynamic int8 only: `fp32_down` keeps the down_proj MatMuls of those decoder layers (or of all, "all")
-    in fp32; the settings then list them as `nodes_to_exclude`.
+    int8 is dynamic quantization (`quantize_dynamic`); int8-wo and int4 are weight-only (MatMulNBits).
+    int8 only: `fp32_down` keeps the down_proj MatMuls of those decoder layers (or of all, "all") in
+    fp32; the settings then list them as `nodes_to_exclude`.
     """
     src, dst = Path(src), Path(dst)
-    if fp32_down and (precision != "int8" or weight_only):
-        raise HwnasError(f"keeping down_proj fp32 is an option of onnxruntime dynamic int8, not "
-                         f"{'weight-only ' if weight_only else ''}{precision}")
-    if weight_only:
-        if precision != "int8":
-            raise HwnasError(f"weight-only quantization here is int8 (MatMulNBits); got {precision!r}")
+    if fp32_down and precision != "int8":
+        raise HwnasError(f"keeping down_proj fp32 is an option of onnxruntime's dynamic int8, not {precision}")
+    if precision == "int8-wo":
         return _quantize_nbits(src, dst, dict(ORT_INT8_WO))
     if precision == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -193,7 +190,7 @@ def quantize_onnx(src: str | Path, dst: str | Path, *, precision: str, isa: str,
                 "int8_embeddings": tables}
     if precision == "int4":
         return _quantize_nbits(src, dst, dict(ORT_INT4))
-    raise HwnasError(f"onnxruntime precision {precision!r} is not supported; expected fp32, int8 or int4")
+    raise HwnasError(f"onnxruntime precision {precision!r} is not supported; expected fp32, int8, int8-wo or int4")
 
 
 def _quantize_nbits(src: Path, dst: Path, settings: dict[str, Any]) -> dict[str, Any]:
@@ -252,9 +249,12 @@ def settings_for(runtime: str, precision: str, isa: str) -> dict[str, Any]:
         return {"method": "onnxruntime.quantize_dynamic", **ort_int8_settings(isa)}
     if runtime == "onnxruntime" and precision == "int4":
         return {"method": "onnxruntime.MatMulNBitsQuantizer", **ORT_INT4}
+    if runtime == "onnxruntime" and precision == "int8-wo":
+        return {"method": "onnxruntime.MatMulNBitsQuantizer", **ORT_INT8_WO}
     if runtime == "openvino":
         return {"method": "nncf.compress_weights", **ov_compression(precision)}
-    raise HwnasError(f"{runtime} has no {precision} quantization; expected onnxruntime or openvino with int8 or int4")
+    raise HwnasError(f"{runtime} has no {precision} quantization; expected onnxruntime (int8, int8-wo, int4) or "
+                     "openvino (int8, int4)")
 
 
 # ------------------------------------------------------------------ `hwnas quantize`: one model, one artifact
@@ -416,14 +416,14 @@ def _reference(src: Path, kind: str) -> tuple[Any, Any]:
 def _ort(src: Path, kind: str, dst: Path, *, method: str, model: Any, keep_fp32: str | None,
          **_: Any) -> dict[str, Any]:
     onnx_dir = _as_onnx(src, kind, dst, model)
-    weight_only = method == "ort-int8-wo"
+    precision = method.removeprefix("ort-")
     fp32_down = "all" if keep_fp32 == "down_proj" else _subnet_fp32_down(src)
-    if weight_only and fp32_down:
+    if precision == "int8-wo" and fp32_down:
         logger.info("ort-int8-wo quantizes every down_proj: the fp32 down_proj that %s marks is a remedy for "
                     "dynamic int8's activation loss, which weight-only int8 does not have", src)
         fp32_down = ()
-    settings = quantize_onnx(onnx_dir / "model.onnx", dst / "model.onnx", precision="int8", isa=_cpu()["isa"],
-                             fp32_down=fp32_down, weight_only=weight_only)
+    settings = quantize_onnx(onnx_dir / "model.onnx", dst / "model.onnx", precision=precision, isa=_cpu()["isa"],
+                             fp32_down=fp32_down)
     _copy_side_files(onnx_dir, dst)
     if onnx_dir != src:
         shutil.rmtree(onnx_dir)

@@ -478,7 +478,8 @@ def setup(*, model: str, table: str, phase: str = "decode", latency_budget: floa
     """The supernet, gene encoder and objectives of `model` against `table`, budgets checked.
 
     Against an onnxruntime int8 table the quality is measured under int8 emulation, with each layer's
-    down_proj precision a gene (the table measures both).
+    down_proj precision a gene (the table measures both). Weight-only int8 (int8-wo, OpenVINO int8) costs
+    KL ~0.01, so against those tables the fp32 quality stands for the deployed one.
     """
     from .hub import read_llama_config, resolve_model
     from .latency import model_signature

@@ -115,7 +115,7 @@ def validate_latency(*, model: str = "smollm2-135m", tables: list[Path], samples
                 d = art / i / t
                 if not (d / "done").is_file():
                     shutil.rmtree(d, ignore_errors=True)
-                    runtime, precision = t.split("-")
+                    runtime, precision = t.split("-", 1)  # precision may hold a dash: int8-wo
                     fp32 = art / i / "onnxruntime-fp32"  # quantize the fp32 export when it is validated too
                     src = fp32 / "model.onnx" if (fp32 / "done").is_file() and runtime == "onnxruntime" else None
                     sub = sub if sub is not None else sn.extract(cfg)
