@@ -37,7 +37,8 @@ from .space import SearchSpace, SubnetConfig
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("torch", "onnxruntime", "openvino")
-PRECISIONS = {"torch": ("fp32", "fp16", "bf16"), "onnxruntime": ("fp32", "int8", "int8-wo", "int4"), "openvino": ("fp32", "int8", "int4")}
+PRECISIONS = {"torch": ("fp32", "fp16", "bf16"), "onnxruntime": ("fp32", "int8", "int8-wo", "int4"),
+              "openvino": ("fp32", "int8", "int4")}
 PHASES = ("prefill", "decode")
 TABLE_FORMAT = "hwnas-latency-table/1"
 SIGNATURE_KEYS = ("hidden_size", "head_dim", "vocab_size", "num_hidden_layers", "intermediate_size",

@@ -26,9 +26,11 @@ _VNNI = ("amx", "avx512vnni", "avxvnni")
 _PROTO_LIMIT = 1_900_000_000  # bytes of weights above which an ONNX graph keeps them in external data
 OV_GROUP_SIZE = 64  # divides every MLP width (multiples of 64) and every Llama hidden size
 ORT_INT4 = {"block_size": 32, "is_symmetric": True, "bits": 4}
-# Weight-only int8 (MatMulNBits, `ort-int8-wo`): symmetric blocks of 64 along K (64 divides every Llama width, so
-# nothing is padded), activations quantized per block inside the kernel (accuracy_level 4). On the default model
+# Weight-only int8 (MatMulNBits, `ort-int8-wo`): symmetric blocks of 64 along K (the default model's widths are
+# multiples of 64; a narrower input is padded, and the size model counts the padding), activations quantized per
+# block inside the kernel (accuracy_level 4; 0, fp32 compute, decoded 7x slower than fp32). On the default model
 # it loses KL 0.005-0.014 where dynamic int8 (whole-tensor activation scales) loses 0.59, at a similar decode speed.
+# Measured on AVX-512 VNNI only; on other CPUs the KL check of `hwnas quantize` is the guard.
 ORT_INT8_WO = {"bits": 8, "block_size": 64, "is_symmetric": True, "accuracy_level": 4, "untie_lm_head": True,
                "quantize_embedding": True}
 
