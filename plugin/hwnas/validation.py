@@ -106,7 +106,8 @@ def validate_latency(*, model: str = "smollm2-135m", tables: list[Path], samples
     sn = Supernet.from_pretrained(model, calibration=None)
     art = out / "artifacts"
     isa = runner.cpu_info()["isa"]
-    deployed = sorted((t for t in targets if not t.startswith("torch")), key=lambda t: t != "onnxruntime-fp32")
+    deployed = sorted((t for t, pred in targets.items() if pred.table.runtime != "torch"),
+                      key=lambda t: t != "onnxruntime-fp32")
     nets = {**{str(i): c for i, c in enumerate(cfgs)}, "ref": space.max_config()}
     with tqdm(total=len(nets), desc="build sub-networks", unit="net", disable=not progress) as bar:
         for i, cfg in nets.items():
@@ -115,7 +116,7 @@ def validate_latency(*, model: str = "smollm2-135m", tables: list[Path], samples
                 d = art / i / t
                 if not (d / "done").is_file():
                     shutil.rmtree(d, ignore_errors=True)
-                    runtime, precision = t.split("-", 1)  # precision may hold a dash: int8-wo
+                    runtime, precision = targets[t].table.runtime, targets[t].table.precision
                     fp32 = art / i / "onnxruntime-fp32"  # quantize the fp32 export when it is validated too
                     src = fp32 / "model.onnx" if (fp32 / "done").is_file() and runtime == "onnxruntime" else None
                     sub = sub if sub is not None else sn.extract(cfg)
