@@ -194,14 +194,68 @@ def test_ort_int8_stores_the_embedding_in_int8_and_the_size_model_counts_every_b
     assert report["settings"]["int8_embeddings"] == ["model.embed_tokens.weight"]
     graph = onnx.load(str(tmp_path / "q" / "model.onnx")).graph
     weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    assert weights["model.embed_tokens.weight.int8"].dtype == np.int8
-    assert weights["model.embed_tokens.weight.row_scale"].shape == (320, 1)
+    config = json.loads((tiny_model / "config.json").read_text())
+    rotary = [numpy_helper.to_array(a.t) for n in graph.node if n.op_type == "Constant" for a in n.attribute
+              if a.name == "value" and list(a.t.dims) == [config["max_position_embeddings"], 8]]
+    if method == "ort-int8":
+        assert weights["model.embed_tokens.weight.int8"].dtype == np.int8
+        assert weights["model.embed_tokens.weight.row_scale"].shape == (320, 1)
+        embedding, positions = "int8-rows", 0
+        assert rotary == []
+    else:  # the embedding reads the LM head's int8 blocks: stored once
+        gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+        head = next(n for n in graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.name)
+        assert gather.input[0] == head.input[1] and weights[gather.input[0]].shape == (320, 1, 64)
+        assert report["settings"]["fused_attention"] and report["settings"]["shared_embedding"]
+        embedding, positions = "blocks-shared", config["max_position_embeddings"]
+        assert len(rotary) == 2  # the fused attention's cos and sin caches, shared by every layer
     big_floats = [k for k, a in weights.items() if a.dtype == np.float32 and a.ndim == 2 and a.size > 320]
     assert big_floats == [], f"fp32 matrices left: {big_floats}"
-    sig = model_signature(json.loads((tiny_model / "config.json").read_text()))
-    predicted = size_bytes(SubnetConfig(**SUBNET), sig, runtime="onnxruntime", precision=method.removeprefix("ort-"),
-                           tied=False, int8_embedding=True)
-    assert predicted == sum(a.nbytes for a in weights.values())
+    predicted = size_bytes(SubnetConfig(**SUBNET), model_signature(config), runtime="onnxruntime",
+                           precision=method.removeprefix("ort-"), tied=False, embedding=embedding,
+                           rotary_positions=positions)
+    assert predicted == sum(a.nbytes for a in weights.values()) + sum(a.nbytes for a in rotary)
+
+
+def test_int8_wo_embedding_blocks_read_back_the_table(tmp_path):
+    """GatherBlockQuantized over the blocks `share_embeddings` writes returns the table to within a block's step,
+    when the blocks are the (untied) head's and when they are made for an embedding alone."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from hwnas.quantize import ORT_INT8_WO, _quantize_nbits
+
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((96, 128)).astype(np.float32)
+    for tied in (True, False):
+        nodes = [helper.make_node("Gather", ["emb", "input_ids"], ["h"], name="gather")]
+        inits = [numpy_helper.from_array(table, "emb")]
+        if tied:
+            nodes += [helper.make_node("Transpose", ["emb"], ["embT"], perm=[1, 0]),
+                      helper.make_node("MatMul", ["h", "embT"], ["logits"], name="lm_head")]
+        else:
+            nodes += [helper.make_node("Identity", ["h"], ["logits"])]
+        out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)
+        ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, 3])
+        model = helper.make_model(helper.make_graph(nodes, "g", [ids], [out], inits),
+                                  opset_imports=[helper.make_opsetid("", 17)])
+        import onnx
+
+        src, dst = tmp_path / f"m{tied}.onnx", tmp_path / f"q{tied}.onnx"
+        onnx.save(model, str(src))
+        settings = _quantize_nbits(src, dst, dict(ORT_INT8_WO))
+        assert settings["int8_embeddings"] == ["emb"] and settings["fused_attention"] is False
+        q = onnx.load(str(dst))
+        assert [n.op_type for n in q.graph.node].count("GatherBlockQuantized") == 1
+        assert not [i for i in q.graph.initializer if i.name == "emb"]  # the fp32 table is gone
+        # read the gathered rows back (cut the graph at the gather's output)
+        q.graph.output[0].name = "h"
+        del q.graph.node[[n.op_type for n in q.graph.node].index("Reshape") + 1:]
+        got = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"input_ids": np.array([[0, 5, 95]])})[0]
+        step = np.abs(table).reshape(96, 2, 64).max(-1).repeat(64, -1) / 127
+        assert (np.abs(got[0] - table[[0, 5, 95]]) <= step[[0, 5, 95]] / 2 + 1e-6).all()
 
 
 def test_only_the_token_embedding_is_stored_in_int8():

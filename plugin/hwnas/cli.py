@@ -41,11 +41,13 @@ def export(*, model: str = DEFAULT_MODEL, subnet: Path, out: Path, overwrite: bo
     return export_checkpoint(model=model, subnet=subnet, out=out, overwrite=overwrite, pick=pick)
 
 
-def onnx(*, model: Path, out: Path, opset: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+def onnx(*, model: Path, out: Path, opset: int | None = None, overwrite: bool = False,
+         fused_attention: bool = False) -> dict[str, Any]:
     """Export a checkpoint (full model or sub-network) to ONNX with Optimum, `text-generation-with-past`."""
     from .export import export_onnx_checkpoint
 
-    return export_onnx_checkpoint(model=model, out=out, opset=opset, overwrite=overwrite)
+    return export_onnx_checkpoint(model=model, out=out, opset=opset, overwrite=overwrite,
+                                  fused_attention=fused_attention)
 
 
 def generate(*, model: str = DEFAULT_MODEL, prompt: str = "The capital of France is", max_new_tokens: int = 20) -> dict[str, Any]:
@@ -261,6 +263,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--opset", type=int, default=None, help="ONNX opset (default: Optimum's; 21 for NNCF INT4)")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    c.add_argument("--fused-attention", action="store_true",
+                   help="write each attention layer as onnxruntime's GroupQueryAttention (faster; onnxruntime only)")
     c = cmd("generate", generate, "greedy generation from a model or sub-network checkpoint")
     model_arg(c)
     c.add_argument("--prompt", default="The capital of France is")

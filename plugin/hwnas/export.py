@@ -150,7 +150,10 @@ def register_optimum() -> None:
     _REGISTERED = True
 
 
-def runtime_config(folder: Path) -> None:
+FUSED_KEY = "hwnas_fused_attention"  # config.json of an ONNX folder whose attention is onnxruntime's fused op
+
+
+def runtime_config(folder: Path, *, fused_attention: bool = False) -> None:
     """Mark an exported folder's `hwnas_llama` config as `llama` for the runtimes' loaders.
 
     ORTModelForCausalLM and OVModelForCausalLM read only the cache layout from config.json (the graph
@@ -172,21 +175,35 @@ def runtime_config(folder: Path) -> None:
     heads, head_dim, hidden = data.get("num_attention_heads"), data.get("head_dim"), data.get("hidden_size")
     if heads and head_dim and hidden and hidden // heads != head_dim and hidden % head_dim == 0:
         changed.update(num_attention_heads=hidden // head_dim, hwnas_num_attention_heads=heads)
+    if fused_attention:
+        changed[FUSED_KEY] = True
     if changed != data:
         atomic_write_json(path, changed)
 
 
-def export_onnx(model: Any, out: str | Path, *, opset: int | None = None) -> Path:
-    """Export an in-memory (sub-network) model as Optimum's `text-generation-with-past` ONNX model in `out`."""
+def export_onnx(model: Any, out: str | Path, *, opset: int | None = None, fused_attention: bool = False) -> Path:
+    """Export an in-memory (sub-network) model as Optimum's `text-generation-with-past` ONNX model in `out`.
+
+    `fused_attention` writes each attention layer as onnxruntime's GroupQueryAttention (`hwnas.fused`); the
+    folder's config.json then says `hwnas_fused_attention: true`.
+    """
     from optimum.exporters.onnx import onnx_export_from_model
+
+    from .fused import gqa_attention
 
     register_optimum()
     out = Path(out)
-    with torch_quiet():
+    with torch_quiet(), gqa_attention(model) if fused_attention else contextlib.nullcontext():
         onnx_export_from_model(model, output=out, task="text-generation-with-past", opset=opset, do_validation=False,
                                library_name="transformers")
-    runtime_config(out)
+    runtime_config(out, fused_attention=fused_attention)
     return out / "model.onnx"
+
+
+def fused_attention(folder: Path) -> bool:
+    """Whether the ONNX folder's graph was exported with onnxruntime's fused attention."""
+    path = Path(folder) / "config.json"
+    return path.is_file() and bool(read_json(path, "exported config").get(FUSED_KEY, False))
 
 
 def export_openvino(model: Any, out: str | Path) -> Path:
@@ -205,11 +222,12 @@ ONNX_ATOL = 1e-3  # the largest logit difference from torch that `hwnas onnx` ac
 
 
 def export_onnx_checkpoint(*, model: str | Path, out: str | Path, opset: int | None = None, overwrite: bool = False,
-                           prompt: str = "The capital of France is") -> dict[str, Any]:
+                           prompt: str = "The capital of France is", fused_attention: bool = False) -> dict[str, Any]:
     """`hwnas onnx`: export a checkpoint (full model or sub-network) to an Optimum ONNX folder with KV cache.
 
     The folder loads with `ORTModelForCausalLM.from_pretrained(out)` without importing hwnas. Before
     the folder appears, onnxruntime's logits on `prompt` are checked against torch's (≤ ONNX_ATOL).
+    `fused_attention`: onnxruntime's GroupQueryAttention per layer (faster decode; onnxruntime only).
     """
     import numpy as np
     import onnxruntime as ort
@@ -220,7 +238,7 @@ def export_onnx_checkpoint(*, model: str | Path, out: str | Path, opset: int | N
     require_kind(src, "torch", command="`hwnas onnx`")
     torch_model, tokenizer = load_model(src, allow_subnet=True)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        onnx_path = export_onnx(torch_model, tmp, opset=opset)
+        onnx_path = export_onnx(torch_model, tmp, opset=opset, fused_attention=fused_attention)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         diff = _onnx_logit_diff(torch_model, onnx_path, tokenizer, prompt, np, ort)
@@ -229,7 +247,7 @@ def export_onnx_checkpoint(*, model: str | Path, out: str | Path, opset: int | N
         graph_bytes = sum(f.stat().st_size for f in tmp.glob("model.onnx*"))
         report = {"model": str(src), "out": str(Path(out).resolve()), "opset": opset, "model_type": torch_model.config.model_type,
                   "layers": torch_model.config.num_hidden_layers, "kv_heads_per_layer": layer_kv_heads(torch_model.config),
-                  "max_abs_logit_diff": diff, "onnx_bytes": graph_bytes}
+                  "max_abs_logit_diff": diff, "onnx_bytes": graph_bytes, "fused_attention": fused_attention}
         atomic_write_json(tmp / "hwnas_onnx.json", report)
     return report
 

@@ -182,8 +182,9 @@ def _shaped_config(config: Any, **sizes: int):
     return c
 
 
-def block_module(block: Block, config: Any):
-    """A torch module computing `block` (random weights: latency does not depend on their values)."""
+def block_module(block: Block, config: Any, *, fused: bool = False):
+    """A torch module computing `block` (random weights: latency does not depend on their values); with `fused`, an
+    attention block exports as onnxruntime's fused attention, as `export_onnx(fused_attention=True)` writes it."""
     import torch
     from torch import nn
     from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaMLP, LlamaRMSNorm,
@@ -244,11 +245,35 @@ def block_module(block: Block, config: Any):
                 presents += [k, v]
             return (hidden_states, *presents)
 
-    return {"embed": Embed, "head": Head, "mlp": Mlp, "attn": Attn}[block.kind]().eval()
+    class FusedAttn(Attn):
+        def __init__(self) -> None:
+            super().__init__()
+            from .fused import _functions
+
+            self.rotary, self.attention = _functions()
+            self.register_buffer("cos_cache", torch.rand(config.max_position_embeddings, head_dim // 2))
+            self.register_buffer("sin_cache", torch.rand(config.max_position_embeddings, head_dim // 2))
+
+        def forward(self, hidden_states, position_ids, *past):  # static shapes: the mask inputs are constants
+            s, total = hidden_states.shape[1], past[0].shape[2] + hidden_states.shape[1]
+            seqlens_k, total_t = torch.tensor([total - 1], dtype=torch.int32), torch.tensor(total, dtype=torch.int32)
+            bias, presents = torch.zeros(1, 1, s, total), []
+            for i, (norm, a) in enumerate(zip(self.norms, self.attns)):
+                h = norm(hidden_states)
+                q = self.rotary.apply(a.q_proj(h), position_ids, self.cos_cache, self.sin_cache, block.heads)
+                k = self.rotary.apply(a.k_proj(h), position_ids, self.cos_cache, self.sin_cache, block.kv_heads)
+                o, k, v = self.attention.apply(q, k, a.v_proj(h), past[2 * i], past[2 * i + 1], seqlens_k, total_t,
+                                               bias, block.heads, block.kv_heads, head_dim, float(a.scaling))
+                hidden_states = hidden_states + a.o_proj(o)
+                presents += [k, v]
+            return (hidden_states, *presents)
+
+    attn = FusedAttn if fused else Attn
+    return {"embed": Embed, "head": Head, "mlp": Mlp, "attn": attn}[block.kind]().eval()
 
 
-def block_inputs(block: Block, config: Any) -> dict[str, dict[str, Any]]:
-    """Input specs (shape, dtype, fill) for `block`, in the runner's manifest format."""
+def block_inputs(block: Block, config: Any, *, fused: bool = False) -> dict[str, dict[str, Any]]:
+    """Input specs (shape, dtype, fill) for `block`, in the runner's manifest format (`fused`: see `block_module`)."""
     s = block.tokens if block.phase == "prefill" else 1
     past = 0 if block.phase == "prefill" else block.tokens
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -260,17 +285,21 @@ def block_inputs(block: Block, config: Any) -> dict[str, dict[str, Any]]:
     kv = {"shape": [1, block.kv_heads, past, head_dim], "dtype": "float32"}
     rot = {"shape": [1, s, head_dim], "dtype": "float32"}
     pasts = {f"past_{kind}_{i}": kv for i in range(block.copies) for kind in ("key", "value")}
+    if fused:
+        return {"hidden_states": hidden,
+                "position_ids": {"shape": [1, s], "dtype": "int64", "fill": "arange", "start": past}, **pasts}
     return {"hidden_states": hidden, "cos": rot, "sin": rot, **pasts}
 
 
-def export_block_onnx(block: Block, config: Any, path: Path, *, opset: int, module: Any = None) -> None:
+def export_block_onnx(block: Block, config: Any, path: Path, *, opset: int, module: Any = None,
+                      fused: bool = False) -> None:
     """Export `block` (or the given module computing it) as a static-shape ONNX graph at `path`."""
     import torch
 
     from .export import torch_quiet
 
-    module = module if module is not None else block_module(block, config)
-    specs = block_inputs(block, config)
+    module = module if module is not None else block_module(block, config, fused=fused)
+    specs = block_inputs(block, config, fused=fused)
     rng = __import__("numpy").random.default_rng(0)
     args = tuple(torch.from_numpy(runner.make_input(spec, rng).copy()) for spec in specs.values())
     outputs = ["out"] + ([f"present_{kind}_{i}" for i in range(block.copies) for kind in ("key", "value")]
@@ -342,14 +371,17 @@ def measure_torch_model(model: Any, phase: str, tokens: int, *, warmup: int, rep
 def build_deployed(model: Any, runtime: str, precision: str, out: Path, *, isa: str, onnx_fp32: Path | None = None) -> Path:
     """Export an in-memory sub-network as it will be deployed; returns the file the runner loads.
 
-    `onnx_fp32`, an fp32 export of the same sub-network, spares a second export when quantizing for onnxruntime.
+    `onnx_fp32`, an fp32 export of the same sub-network (plain attention), spares a second export when quantizing
+    for onnxruntime without fused attention.
     """
     from .export import export_onnx, export_openvino
-    from .quantize import compress_openvino, quantize_onnx
+    from .quantize import compress_openvino, quantize_onnx, settings_for
 
     out.mkdir(parents=True, exist_ok=True)
     if runtime == "onnxruntime":
-        path = onnx_fp32 if onnx_fp32 is not None and precision != "fp32" else export_onnx(model, out)
+        fused = settings_for(runtime, precision, isa).get("fused_attention", False)
+        path = onnx_fp32 if onnx_fp32 is not None and precision != "fp32" and not fused \
+            else export_onnx(model, out, fused_attention=fused)
         if precision == "fp32":
             return path
         q = out / f"model_{precision}.onnx"
@@ -451,7 +483,8 @@ def profile(*, model: str = "smollm2-135m", runtime: str = "onnxruntime", precis
     space = SearchSpace.from_hf_config(config)
     label = model_label(model, model_dir)
     header = {"model": label, "model_signature": model_signature(config),
-              "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)), "runtime": runtime, "precision": precision,
+              "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)),
+              "max_position_embeddings": int(config.get("max_position_embeddings", 0)), "runtime": runtime, "precision": precision,
               "phases": phases, "batch": 1, "warmup": warmup, "repeats": repeats, "trim_percentiles": [5, 95],
               "search_space": space.to_dict(), "versions": versions(runtime)}
     if mixed := mixed_precision(runtime, precision):
@@ -582,9 +615,10 @@ def _write_manifest(work: Path, model: str, model_dir: Path, space: SearchSpace,
     builds: list[tuple[str, Any]] = []
     block_items = []
     per_round = max(3, header["repeats"] // ROUNDS)
+    fused = header["quantization"].get("fused_attention", False)
     for b in blocks_for(space, header["phases"], header.get("mixed_precision", ())):
         block_items.append({"key": b.key, "kind": "block", "file": _block_file(b, runtime), "copies": b.copies,
-                            "repeats": per_round, "inputs": block_inputs(b, config)})
+                            "repeats": per_round, "inputs": block_inputs(b, config, fused=fused)})
         builds.append((block_items[-1]["file"], b))
     e2e_w, e2e_r = e2e_timing(header)
     cal = calibration_configs(space, calibration)
@@ -619,7 +653,7 @@ def _write_manifest(work: Path, model: str, model_dir: Path, space: SearchSpace,
         for f, what in todo:
             bar.set_postfix_str(f)
             if isinstance(what, Block):
-                _build_block(what, config, work / f, runtime, precision, isa)
+                _build_block(what, config, work / f, runtime, precision, isa, fused=fused)
             else:
                 if sn is None:
                     from .supernet import Supernet
@@ -635,13 +669,14 @@ def _write_manifest(work: Path, model: str, model_dir: Path, space: SearchSpace,
     return manifest
 
 
-def _build_block(block: Block, config: Any, path: Path, runtime: str, precision: str, isa: str) -> None:
+def _build_block(block: Block, config: Any, path: Path, runtime: str, precision: str, isa: str, *,
+                 fused: bool = False) -> None:
     from .export import torch_quiet
     from .quantize import compress_openvino, quantize_onnx, settings_for
 
     opset = 21 if runtime == "onnxruntime" and precision == "int4" else 18
     raw = path.with_name(f".{path.stem}.raw.onnx")
-    export_block_onnx(block, config, raw, opset=opset)
+    export_block_onnx(block, config, raw, opset=opset, fused=fused)
     try:
         if runtime == "onnxruntime" and (precision == "fp32" or block.kind == "head" and config.tie_word_embeddings
                                          and not settings_for(runtime, precision, isa).get("untie_lm_head")):

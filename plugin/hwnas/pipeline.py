@@ -68,8 +68,11 @@ def check_table(table: Path, *, signature: dict[str, int], runtime: str, precisi
     return t.header
 
 
-def deploy(src: Path, runtime: str, precision: str, out: Path, *, progress: bool) -> Path:
-    """Build the deployed artifact of checkpoint `src` for `runtime`/`precision` in `out` (returned)."""
+def deploy(src: Path, runtime: str, precision: str, out: Path, *, progress: bool, fused_attention: bool = False) -> Path:
+    """Build the deployed artifact of checkpoint `src` for `runtime`/`precision` in `out` (returned).
+
+    `fused_attention`: an onnxruntime fp32 export gets onnxruntime's fused attention (as the quantized target of
+    the same run does, so that the fp32 reference differs from it only by the quantization)."""
     if runtime == "torch":
         if precision != "fp32":
             raise HwnasError(f"torch deployment is fp32 here, got {precision!r}; use onnxruntime or openvino for int8/int4")
@@ -79,7 +82,7 @@ def deploy(src: Path, runtime: str, precision: str, out: Path, *, progress: bool
         from .hub import load_model
 
         if runtime == "onnxruntime":
-            export_onnx_checkpoint(model=src, out=out)
+            export_onnx_checkpoint(model=src, out=out, fused_attention=fused_attention)
             return out
         model, tok = load_model(src, allow_subnet=True)
         with atomic_dir(out) as tmp:
@@ -182,6 +185,7 @@ def run(*, model: str = DEFAULT_MODEL, runtime: str = "onnxruntime", precision: 
     # 4. deployed artifacts: full and sub-network at the target precision, and the full model in fp32 as reference
     deployed = out / "deployed"
     arts = {"full_fp32": (model_dir, "fp32"), "full": (model_dir, precision), "subnet": (subnet_dir, precision)}
+    fused = bool(header.get("quantization", {}).get("fused_attention", False))  # what the table was measured with
     if precision == "fp32":
         del arts["full_fp32"]
     paths: dict[str, Path] = {}
@@ -189,7 +193,8 @@ def run(*, model: str = DEFAULT_MODEL, runtime: str = "onnxruntime", precision: 
         target = deployed / f"{name}-{runtime}-{prec}" if runtime != "torch" else src
         paths[name] = target
         if runtime != "torch":
-            step(f"deploy {name}", target, lambda s=src, p=prec, t=target: deploy(s, runtime, p, t, progress=progress))
+            step(f"deploy {name}", target, lambda s=src, p=prec, t=target: deploy(s, runtime, p, t, progress=progress,
+                                                                                 fused_attention=fused))
 
     # 5. benchmark side by side, 6. quality of what ships
     def bench() -> None:

@@ -154,8 +154,16 @@ class LatencyPredictor:
         # a tied head that the quantizer gave its own weight (quantize.untie_lm_head) is stored twice
         q = h.get("quantization", {})
         tied = h.get("tie_word_embeddings", False) and not q.get("untie_lm_head", False)
+        embedding = ("blocks-shared" if h.get("tie_word_embeddings", False) else "blocks") \
+            if q.get("shared_embedding") else "int8-rows" if q.get("quantize_embedding") else "auto"
+        rotary = 0
+        if q.get("fused_attention"):
+            if "max_position_embeddings" not in h:
+                raise HwnasError(f"table {self.table.path} deploys fused attention but its header lacks "
+                                 "max_position_embeddings (the rotary cache's rows); profile it again")
+            rotary = h["max_position_embeddings"]
         return size_bytes(cfg, h["model_signature"], runtime=h["runtime"], precision=precision or h["precision"],
-                          tied=tied, int8_embedding=q.get("quantize_embedding", False))
+                          tied=tied, embedding=embedding, rotary_positions=rotary)
 
     def _fit(self, pk: str) -> Correction:
         """The correction form (none, scale, affine, affine plus a per-layer term) with the lowest
@@ -228,25 +236,35 @@ def _matrix_bytes(rows: int, cols: int, runtime: str, precision: str) -> float:
 
 
 def size_bytes(cfg: SubnetConfig, sig: dict[str, int], *, runtime: str, precision: str, tied: bool,
-               int8_embedding: bool = False) -> int:
+               embedding: str = "auto", rotary_positions: int = 0) -> int:
     """Weight bytes of a deployed sub-network, following what each runtime's quantizer touches.
 
-    onnxruntime's dynamic quantization (MatMul only) keeps the embedding in fp32 unless hwnas stores it in int8 with a
-    scale per row (`int8_embedding`: int8 and int8-wo), the LM head with the embedding when tied and not untied, and the
-    down_proj of layers marked in `cfg.fp32_down`; NNCF compresses the embedding too, and keeps the LM head in int8 in
-    int4 mode.
+    The embedding (onnxruntime; `embedding`): "auto" keeps it in fp32 when quantizing (dynamic quantization touches
+    MatMuls only); "int8-rows", int8 with a scale per row (hwnas's dynamic int8); "blocks", int8 blocks of 64 with
+    fp32 scales (int8-wo); "blocks-shared", the LM head's blocks, so only a copy of their scales (int8-wo, tied model).
+    The LM head is stored with the embedding when `tied` (and not untied by the quantizer). The down_proj of layers
+    marked in `cfg.fp32_down` stays fp32 in dynamic int8. NNCF compresses the embedding too, and keeps the LM head in
+    int8 in int4 mode. Fused attention (hwnas.fused) adds fp32 rotary cos and sin caches of `rotary_positions` rows.
     """
     mixed = (runtime, precision) == ("onnxruntime", "int8")  # where `hwnas quantize` honours fp32_down
     total = sum(_matrix_bytes(r, c, runtime, "fp32" if fp32 and mixed else precision)
                 for r, c, fp32 in linear_shapes(cfg, sig))
     vocab, hidden = sig["vocab_size"], sig["hidden_size"]
     total += 4 * hidden * (2 * cfg.depth + 1)  # RMSNorm weights stay fp32
+    total += 4 * rotary_positions * sig["head_dim"]  # cos and sin, (positions, head_dim / 2) each
     quantized = precision in ("int8", "int8-wo", "int4")
-    if runtime == "onnxruntime" and int8_embedding:
+    ort = runtime == "onnxruntime"
+    if ort and embedding == "int8-rows":
         total += vocab * hidden + 4 * vocab
-    else:
+    elif ort and embedding in ("blocks", "blocks-shared"):
+        total += _matrix_bytes(vocab, hidden, runtime, "int8-wo") if embedding == "blocks" else 4 * vocab * -(-hidden // 64)
+        total += 3 * 8  # the int64 shape that joins the gathered blocks into rows
+    elif embedding == "auto":
         emb_precision = "int8" if quantized and runtime == "openvino" else ("fp32" if quantized else precision)
         total += _matrix_bytes(vocab, hidden, runtime, emb_precision)
+    else:
+        raise HwnasError(f"embedding storage {embedding!r} is not one of {runtime}'s; expected auto"
+                         + (", int8-rows, blocks or blocks-shared" if ort else ""))
     if not tied:
         head_precision = "int8" if precision == "int4" and runtime == "openvino" else precision
         total += _matrix_bytes(vocab, hidden, runtime, head_precision)

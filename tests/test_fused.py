@@ -1,0 +1,101 @@
+"""onnxruntime's fused attention (hwnas.fused): the exported graph loads in stock ORTModelForCausalLM and computes
+what torch computes, with padding on either side, for uniform and per-layer sub-networks, GQA and MHA."""
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+# the tiny MHA model with layers keeping 4, 2 and 1 whole KV groups (as a LLaMA2-7B sub-network would)
+PER_LAYER = {"num_layers": 4, "layers": [0, 1, 3], "mlp": [256, 128, 192], "heads": [4, 2, 1], "kv_heads": [4, 2, 1]}
+PROMPTS = ["The capital of France is", "Hello there, my name is Sam and I"]
+
+
+@pytest.fixture(scope="module")
+def per_layer_subnet(tiny_models, tmp_path_factory) -> Path:
+    from hwnas.export import export_checkpoint
+
+    d = tmp_path_factory.mktemp("fused_sub")
+    (d / "cfg.json").write_text(json.dumps(PER_LAYER))
+    export_checkpoint(model=str(tiny_models["mha"]), subnet=d / "cfg.json", out=d / "ckpt")
+    return d / "ckpt"
+
+
+def _export_and_compare(src: Path, out: Path, side: str) -> None:
+    import onnx
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    from hwnas.export import export_onnx_checkpoint, fused_attention
+    from hwnas.hub import load_model
+
+    report = export_onnx_checkpoint(model=src, out=out, fused_attention=True)
+    assert report["fused_attention"] and report["max_abs_logit_diff"] <= 1e-3 and fused_attention(out)
+    model, tok = load_model(src, allow_subnet=True)
+    ops = collections.Counter(n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node)
+    layers = model.config.num_hidden_layers
+    assert ops["GroupQueryAttention"] == layers and ops["RotaryEmbedding"] == 2 * layers
+    assert ops["Softmax"] == 0  # no attention left spelled out
+    ort_model = ORTModelForCausalLM.from_pretrained(out)
+    tok.padding_side = side
+    tok.pad_token = tok.pad_token or tok.eos_token
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    assert not batch["attention_mask"].all()  # the batch really is padded
+    with torch.no_grad():
+        ref, got = model(**batch).logits, ort_model(**batch).logits
+        valid = batch["attention_mask"].bool()
+        assert (ref - got).abs()[valid].max() < 1e-3
+        if side == "left":  # as generate pads: every step through onnxruntime's own KV cache
+            want = model.generate(**batch, max_new_tokens=10, do_sample=False)
+            assert torch.equal(ort_model.generate(**batch, max_new_tokens=10, do_sample=False), want)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_fused_export_matches_torch_on_a_padded_batch(tiny_model, tmp_path, side):
+    _export_and_compare(tiny_model, tmp_path / "onnx", side)
+
+
+def test_fused_export_of_per_layer_kv_heads(per_layer_subnet, tmp_path):
+    _export_and_compare(per_layer_subnet, tmp_path / "onnx", "left")
+
+
+def test_fused_export_leaves_the_model_as_it_was(tiny_model, tmp_path):
+    from hwnas.export import export_onnx
+    from hwnas.hub import load_model
+
+    model, tok = load_model(tiny_model)
+    ids = tok(PROMPTS[0], return_tensors="pt")
+    with torch.no_grad():
+        before = model(**ids).logits
+        export_onnx(model, tmp_path / "onnx", fused_attention=True)
+        after = model(**ids).logits
+    assert torch.equal(before, after)
+    assert "forward" not in vars(model.model) and "forward" not in vars(model.model.layers[0].self_attn)
+
+
+def test_fused_attention_block_runs_in_onnxruntime(tiny_model, tmp_path):
+    """The latency table's attention blocks export as the deployed graph does: rotary + GroupQueryAttention."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from transformers import LlamaConfig
+
+    from hwnas.latency import Block, block_inputs, export_block_onnx
+    from hwnas.runner import make_input
+
+    config = LlamaConfig.from_pretrained(tiny_model)
+    for phase, tokens in (("prefill", 8), ("decode", 8)):
+        block = Block("attn", phase, tokens, heads=2, kv_heads=1)
+        path = tmp_path / f"{phase}.onnx"
+        export_block_onnx(block, config, path, opset=18, fused=True)
+        ops = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+        assert ops["GroupQueryAttention"] == block.copies and ops["RotaryEmbedding"] == 2 * block.copies
+        rng = np.random.default_rng(0)
+        specs = block_inputs(block, config, fused=True)
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        out = sess.run(None, {k: make_input(v, rng) for k, v in specs.items()})
+        s, past = (tokens, 0) if phase == "prefill" else (1, tokens)
+        assert out[0].shape == (1, s, config.hidden_size) and np.isfinite(out[0]).all()
+        assert out[1].shape == (1, 1, past + s, config.head_dim)
