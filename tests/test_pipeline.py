@@ -51,6 +51,30 @@ def test_run_deploys_benchmarks_and_reports(tiny_run):
     assert "hwnas run" in md and "## Reproduce" in md
 
 
+def test_run_on_a_fused_table_measures_against_a_fused_fp32_reference(tiny_model, tmp_path):
+    """int8-wo deploys onnxruntime's fused attention; the fp32 reference of the same run gets it too, so that the
+    whole-stack ratio compares quantization and search alone."""
+    import dataclasses
+
+    from hwnas import pipeline
+    from hwnas.export import fused_attention
+    from hwnas.latency import profile
+
+    table = profile(model=str(tiny_model), runtime="onnxruntime", precision="int8-wo", calibration=1, warmup=1,
+                    repeats=3, prefill=[16], decode=[16], out=tmp_path / "wo.json", progress=False)["table"]
+    small = dataclasses.replace(pipeline.BUDGETS["quick"], tasks=("lambada",), task_items=10, perplexity_passages=10,
+                                rounds=1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(pipeline.BUDGETS, "quick", small)
+        pipeline.run(model=str(tiny_model), runtime="onnxruntime", precision="int8-wo", latency_ratio=0.9, table=table,
+                     out=tmp_path / "run", progress=False)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert set(report["artifacts"]) == {"full_fp32", "full", "subnet"}
+    assert all(fused_attention(Path(p)) for p in report["artifacts"].values())
+    assert report["headline"]["fused_attention"] and report["headline"]["decode_speedup_vs_full_fp32"] > 0
+    assert "(fused attention in both)" in (tmp_path / "run" / "report.md").read_text()
+
+
 def test_run_resumes_from_its_finished_steps(tiny_run, tiny_model, tiny_tables):
     from hwnas.pipeline import run
 

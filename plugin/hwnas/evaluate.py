@@ -26,8 +26,10 @@ def pad_batch(rows: Sequence[Sequence[int]], pad: int = 0) -> tuple[torch.Tensor
 @torch.no_grad()
 def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: int = 8, max_len: int = 512,
                progress: bool = True) -> dict[str, float]:
-    """Token-level perplexity over `texts`, each scored on its own (every token after the first)."""
+    """Token-level perplexity over `texts`, each scored on its own (every token after the first), cut to `max_len`
+    tokens and to the model's context (`max_position_embeddings`: a fused-attention ONNX graph refuses more)."""
     device = model.device
+    max_len = min(max_len, getattr(getattr(model, "config", None), "max_position_embeddings", None) or max_len)
     nll, count = 0.0, 0
     batches = range(0, len(texts), batch_size)
     for start in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):

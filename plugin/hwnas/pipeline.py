@@ -266,6 +266,7 @@ def _report(out: Path, args: dict[str, Any], budget: Budget, table: Path, header
         "decode_speedup_vs_full_fp32": _ratio(ref["decode_ms_per_token"], sub["decode_ms_per_token"]),
         "smaller_than_full_fp32": _ratio(ref["file_bytes"], sub["file_bytes"]),
         "kl_to_full": chosen["kl"],
+        "fused_attention": bool(header.get("quantization", {}).get("fused_attention", False)),
         "perplexity": {"full": q_full["perplexity"]["perplexity"], "subnet": q_sub["perplexity"]["perplexity"]},
         "mean_accuracy": {"full": q_full["accuracy"]["mean_acc_norm_or_acc"],
                           "subnet": q_sub["accuracy"]["mean_acc_norm_or_acc"]},
@@ -328,8 +329,9 @@ def _markdown(out: Path, r: dict[str, Any], table: Path) -> str:
         f"- decode: **{_fmt(h['decode_speedup_vs_full'])}x** faster than the full model in the same runtime and precision "
         f"(predicted {1 / c['latency_ratio']:.2f}x); prefill {_fmt(h['prefill_speedup_vs_full'])}x.",
         f"- size: {_fmt(h['size_ratio_vs_full'])} of the full model's at the same precision.",
-        f"- whole stack against the full fp32 model in {a['runtime']}: {_fmt(h['decode_speedup_vs_full_fp32'])}x faster decode, "
-        f"{_fmt(h['smaller_than_full_fp32'])}x smaller.",
+        f"- whole stack against the full fp32 model in {a['runtime']}"
+        f"{' (fused attention in both)' if h.get('fused_attention') else ''}: "
+        f"{_fmt(h['decode_speedup_vs_full_fp32'])}x faster decode, {_fmt(h['smaller_than_full_fp32'])}x smaller.",
         f"- quality: held-out perplexity {h['perplexity']['full']:.1f} -> {h['perplexity']['subnet']:.1f} "
         f"({n_ppl} LAMBADA validation passages); mean accuracy {h['mean_accuracy']['full']:.3f} -> "
         f"{h['mean_accuracy']['subnet']:.3f} (lm-eval, zero-shot, acc_norm where the task has it, else acc; items: "
