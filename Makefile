@@ -24,13 +24,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	@if $(BIN)/python -m pip show torchvision >/dev/null 2>&1; then echo "torchvision must not be installed" >&2; exit 1; fi
 	touch $@
 
-# The main job on the embedded default model: search it against the shipped onnxruntime-int8 latency table
-# of this device (or profile the device first), export the most accurate sub-network under 75% of the full
-# model's decode latency, quantize it, benchmark it against the full model and evaluate both: runs/demo/report.md.
-# Resumable: a second `make demo` reuses the finished steps.
+# The main job on the embedded default model: search it against the shipped onnxruntime int8-wo latency table
+# of this device (weight-only int8, fused attention; or profile the device first), export the most accurate
+# sub-network under 75% of the full model's decode latency, quantize it, benchmark it against the full model and
+# evaluate both: runs/demo/report.md. Resumable: a second `make demo` reuses the finished steps.
 DEMO := runs/demo
 demo: venv
-	$(BIN)/hwnas run --budget quick --latency-ratio 0.75 --out $(DEMO) --resume
+	$(BIN)/hwnas run --precision int8-wo --budget quick --latency-ratio 0.75 --out $(DEMO) --resume
 	$(BIN)/hwnas generate --model $(DEMO)/subnet --prompt "The capital of France is"
 	@echo "report: $(DEMO)/report.md"
 

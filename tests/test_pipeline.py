@@ -97,6 +97,8 @@ def test_run_resumes_from_its_finished_steps(tiny_run, tiny_model, tiny_tables):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(runtime="onnxruntime", precision="int8"), "does not match the target"),  # an fp32 table for an int8 deployment
+    (dict(runtime="onnxruntime"), "asked 'int8-wo'"),  # the default precision for onnxruntime
+    (dict(runtime="openvino"), "asked 'int8'"),
     (dict(runtime="tensorrt", precision="int8"), "cannot deploy tensorrt/int8; expected one of"),
     (dict(runtime="onnxruntime", precision="fp32", budget="huge"), "unknown budget 'huge'"),
     (dict(runtime="onnxruntime", precision="fp32", latency_ratio=1.5), r"must be in \(0, 1\]"),

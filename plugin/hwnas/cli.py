@@ -182,7 +182,7 @@ def baseline(*, method: str, model: str = DEFAULT_MODEL, table: Path, latency_ra
     return {k: r[k] for k in ("method", "layers", "kl", "latency_ms", "latency_ratio", "size_bytes", "checkpoint")}
 
 
-def run(*, model: str = DEFAULT_MODEL, runtime: str = "onnxruntime", precision: str = "int8", latency_ratio: float = 0.75,
+def run(*, model: str = DEFAULT_MODEL, runtime: str = "onnxruntime", precision: str | None = None, latency_ratio: float = 0.75,
         budget: str = "quick", phase: str = "decode", table: Path | None = None, seed: int = 0, threads: int | None = None,
         resume: bool = False, out: Path) -> dict[str, Any]:
     """The main job: search, export, quantize, benchmark and evaluate the best sub-network under a latency budget."""
@@ -353,7 +353,8 @@ def _parser() -> argparse.ArgumentParser:
     c = cmd("run", run, "the main job: search, export, quantize, benchmark and evaluate; writes OUT/report.md")
     model_arg(c)
     c.add_argument("--runtime", default="onnxruntime", choices=["torch", "onnxruntime", "openvino"])
-    c.add_argument("--precision", default="int8", choices=["fp32", "int8", "int8-wo", "int4"])
+    c.add_argument("--precision", default=None, choices=["fp32", "int8", "int8-wo", "int4"],
+                   help="default: int8-wo for onnxruntime (weight-only, fused attention), int8 for openvino, fp32 for torch")
     c.add_argument("--latency-ratio", type=float, default=0.75, help="latency budget as a fraction of the full model's")
     c.add_argument("--budget", default="quick", choices=["quick", "full"], help="search and evaluation effort")
     c.add_argument("--phase", default="decode", choices=["prefill", "decode"], help="latency the budget applies to")
