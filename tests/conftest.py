@@ -81,6 +81,22 @@ def tiny_model(tiny_models: dict[str, Path]) -> Path:
     return tiny_models["gqa"]
 
 
+# A sub-network of the tiny MHA model whose layers keep 4, 2 and 1 whole KV groups (as on LLaMA2-7B).
+PER_LAYER_KV = {"num_layers": 4, "layers": [0, 1, 3], "mlp": [256, 128, 192], "heads": [4, 2, 1], "kv_heads": [4, 2, 1]}
+
+
+@pytest.fixture(scope="session")
+def per_layer_kv_subnet(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import json
+
+    from hwnas.export import export_checkpoint
+
+    d = tmp_path_factory.mktemp("kvsub")
+    (d / "cfg.json").write_text(json.dumps(PER_LAYER_KV))
+    export_checkpoint(model=str(tiny_models["mha"]), subnet=d / "cfg.json", out=d / "ckpt")
+    return d / "ckpt"
+
+
 @pytest.fixture(params=list(VARIANTS))
 def variant_dir(request: pytest.FixtureRequest, tiny_models: dict[str, Path]) -> Path:
     return tiny_models[request.param]

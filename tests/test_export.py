@@ -12,18 +12,6 @@ import pytest
 import torch
 
 PROMPT = "The capital of France is"
-# A sub-network of the tiny MHA model whose layers keep 4, 2 and 1 whole KV groups (as on LLaMA2-7B).
-PER_LAYER_KV = {"num_layers": 4, "layers": [0, 1, 3], "mlp": [256, 128, 192], "heads": [4, 2, 1], "kv_heads": [4, 2, 1]}
-
-
-@pytest.fixture(scope="module")
-def per_layer_kv_subnet(tiny_models, tmp_path_factory) -> Path:
-    from hwnas.export import export_checkpoint
-
-    d = tmp_path_factory.mktemp("kvsub")
-    (d / "cfg.json").write_text(json.dumps(PER_LAYER_KV))
-    export_checkpoint(model=str(tiny_models["mha"]), subnet=d / "cfg.json", out=d / "ckpt")
-    return d / "ckpt"
 
 
 def torch_greedy(folder: Path, n: int = 12) -> list[int]:

@@ -3,25 +3,12 @@ what torch computes, with padding on either side, for uniform and per-layer sub-
 from __future__ import annotations
 
 import collections
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-# the tiny MHA model with layers keeping 4, 2 and 1 whole KV groups (as a LLaMA2-7B sub-network would)
-PER_LAYER = {"num_layers": 4, "layers": [0, 1, 3], "mlp": [256, 128, 192], "heads": [4, 2, 1], "kv_heads": [4, 2, 1]}
 PROMPTS = ["The capital of France is", "Hello there, my name is Sam and I"]
-
-
-@pytest.fixture(scope="module")
-def per_layer_subnet(tiny_models, tmp_path_factory) -> Path:
-    from hwnas.export import export_checkpoint
-
-    d = tmp_path_factory.mktemp("fused_sub")
-    (d / "cfg.json").write_text(json.dumps(PER_LAYER))
-    export_checkpoint(model=str(tiny_models["mha"]), subnet=d / "cfg.json", out=d / "ckpt")
-    return d / "ckpt"
 
 
 def _export_and_compare(src: Path, out: Path, side: str) -> None:
@@ -57,8 +44,10 @@ def test_fused_export_matches_torch_on_a_padded_batch(tiny_model, tmp_path, side
     _export_and_compare(tiny_model, tmp_path / "onnx", side)
 
 
-def test_fused_export_of_per_layer_kv_heads(per_layer_subnet, tmp_path):
-    _export_and_compare(per_layer_subnet, tmp_path / "onnx", "left")
+def test_fused_export_of_per_layer_kv_heads(per_layer_kv_subnet, tmp_path):
+    """KV heads 4, 2 and 1 by layer (as a LLaMA2-7B sub-network): ORTModelForCausalLM's empty cache has the
+    config's single count, which each layer's GroupQueryAttention reshapes to its own."""
+    _export_and_compare(per_layer_kv_subnet, tmp_path / "onnx", "left")
 
 
 def test_fused_export_leaves_the_model_as_it_was(tiny_model, tmp_path):

@@ -151,8 +151,9 @@ class LatencyPredictor:
     def bytes(self, cfg: SubnetConfig, precision: str | None = None) -> int:
         """Weight bytes of `cfg` deployed at the table's runtime and `precision` (default: the table's)."""
         h = self.table.header
-        # a tied head that the quantizer gave its own weight (quantize.untie_lm_head) is stored twice
-        q = h.get("quantization", {})
+        # a tied head that the quantizer gave its own weight (quantize.untie_lm_head) is stored twice; the table's
+        # deployment settings describe its own precision only
+        q = h.get("quantization", {}) if precision in (None, h["precision"]) else {}
         tied = h.get("tie_word_embeddings", False) and not q.get("untie_lm_head", False)
         embedding = ("blocks-shared" if h.get("tie_word_embeddings", False) else "blocks") \
             if q.get("shared_embedding") else "int8-rows" if q.get("quantize_embedding") else "auto"
