@@ -68,8 +68,11 @@ def build(model: str, cfg: SubnetConfig, work: Path) -> dict[str, Path]:
         if not fp32.is_dir():
             print(f"exporting {fp32.name}", file=sys.stderr, flush=True)
             loaded[net] = loaded.get(net) or load_model(sources[net], allow_subnet=True)[0]
-            with atomic_dir(fp32) as tmp:
-                (export_onnx if runtime == "onnxruntime" else export_openvino)(loaded[net], tmp)
+            with atomic_dir(fp32) as tmp:  # onnxruntime: with fused attention, as hwnas deploys it
+                if runtime == "onnxruntime":
+                    export_onnx(loaded[net], tmp, fused_attention=True)
+                else:
+                    export_openvino(loaded[net], tmp)
         if precision == "fp32":
             continue
         print(f"quantizing {folder.name}", file=sys.stderr, flush=True)

@@ -200,15 +200,16 @@ def test_ort_int8_stores_the_embedding_in_int8_and_the_size_model_counts_every_b
     if method == "ort-int8":
         assert weights["model.embed_tokens.weight.int8"].dtype == np.int8
         assert weights["model.embed_tokens.weight.row_scale"].shape == (320, 1)
-        embedding, positions = "int8-rows", 0
-        assert rotary == []
+        embedding = "int8-rows"
     else:  # the embedding reads the LM head's int8 blocks: stored once
         gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
         head = next(n for n in graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.name)
         assert gather.input[0] == head.input[1] and weights[gather.input[0]].shape == (320, 1, 64)
-        assert report["settings"]["fused_attention"] and report["settings"]["shared_embedding"]
-        embedding, positions = "blocks-shared", config["max_position_embeddings"]
-        assert len(rotary) == 2  # the fused attention's cos and sin caches, shared by every layer
+        assert report["settings"]["shared_embedding"]
+        embedding = "blocks-shared"
+    assert report["settings"]["fused_attention"]
+    assert len(rotary) == 2  # the fused attention's cos and sin caches, shared by every layer
+    positions = config["max_position_embeddings"]
     big_floats = [k for k, a in weights.items() if a.dtype == np.float32 and a.ndim == 2 and a.size > 320]
     assert big_floats == [], f"fp32 matrices left: {big_floats}"
     predicted = size_bytes(SubnetConfig(**SUBNET), model_signature(config), runtime="onnxruntime",

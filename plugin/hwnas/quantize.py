@@ -48,10 +48,11 @@ def ort_int8_settings(isa: str) -> dict[str, Any]:
     matrix a decode step reads. The embedding table that the Gather keeps is then stored in int8 too,
     one symmetric scale per row (`quantize_embedding`): each step dequantizes only the rows it reads.
     Without VNNI, signed int8 weights with full range saturate the u8s8 kernels (NLL 3.9 -> 16
-    measured on the default model), so the range is reduced there.
+    measured on the default model), so the range is reduced there. The graph is exported with
+    onnxruntime's fused attention (`fused_attention`, hwnas.fused), as for int8-wo.
     """
     return {"op_types_to_quantize": ["MatMul"], "per_channel": True, "reduce_range": isa not in _VNNI,
-            "weight_type": "QInt8", "untie_lm_head": True, "quantize_embedding": True}
+            "weight_type": "QInt8", "untie_lm_head": True, "quantize_embedding": True, "fused_attention": True}
 
 
 def untie_lm_head(model: Any) -> list[str]:
@@ -219,9 +220,10 @@ def quantize_onnx(src: str | Path, dst: str | Path, *, precision: str, isa: str,
         import onnx
 
         settings = ort_int8_settings(isa)
-        kwargs = {k: v for k, v in settings.items() if k not in ("untie_lm_head", "quantize_embedding")}
+        kwargs = {k: v for k, v in settings.items() if k not in _GRAPH_KEYS}
         kwargs["weight_type"] = QuantType[kwargs["weight_type"]]
         graph = onnx.load(str(src), load_external_data=False)  # the structure; the weights only if edited below
+        settings["fused_attention"] = any(n.op_type == "GroupQueryAttention" for n in graph.graph.node)
         excluded = down_proj_nodes(graph, fp32_down) if fp32_down else []
         if excluded:
             kwargs["nodes_to_exclude"] = settings["nodes_to_exclude"] = excluded
@@ -471,7 +473,8 @@ def _reference(src: Path, kind: str) -> tuple[Any, Any]:
 def _ort(src: Path, kind: str, dst: Path, *, method: str, model: Any, keep_fp32: str | None,
          **_: Any) -> dict[str, Any]:
     precision = method.removeprefix("ort-")
-    onnx_dir = _as_onnx(src, kind, dst, model, fused_attention=precision == "int8-wo" and ORT_INT8_WO["fused_attention"])
+    onnx_dir = _as_onnx(src, kind, dst, model,
+                        fused_attention=settings_for("onnxruntime", precision, _cpu()["isa"]).get("fused_attention", False))
     fp32_down = "all" if keep_fp32 == "down_proj" else _subnet_fp32_down(src)
     if precision == "int8-wo" and fp32_down:
         logger.info("ort-int8-wo quantizes every down_proj: the fp32 down_proj that %s marks is a remedy for "
