@@ -18,6 +18,7 @@ onnxruntime refuses a step of several new tokens on a non-empty KV cache for a b
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
 from typing import Any, Iterator
 
@@ -26,6 +27,7 @@ from .common import HwnasError
 DOMAIN = "com.microsoft"
 
 
+@functools.lru_cache(maxsize=None)
 def _functions() -> tuple[Any, Any]:
     """torch autograd Functions that compute onnxruntime's RotaryEmbedding and GroupQueryAttention in torch (for the
     trace) and export as those single nodes."""
@@ -90,6 +92,23 @@ def _functions() -> tuple[Any, Any]:
     return RotaryEmbedding, GroupQueryAttention
 
 
+def attend(a: Any, hidden_states: Any, position_ids: Any, past_k: Any, past_v: Any, seqlens_k: Any, total: Any,
+           bias: Any, cos_cache: Any, sin_cache: Any) -> tuple[Any, Any, Any]:
+    """One Llama attention layer `a` through the fused Functions: (its output after o_proj, present key, value)."""
+    rotary, attention = _functions()
+    heads, kv_heads = a.q_proj.out_features // a.head_dim, a.k_proj.out_features // a.head_dim
+    q = rotary.apply(a.q_proj(hidden_states), position_ids, cos_cache, sin_cache, heads)
+    k = rotary.apply(a.k_proj(hidden_states), position_ids, cos_cache, sin_cache, kv_heads)
+    out, key, value = attention.apply(q, k, a.v_proj(hidden_states), past_k, past_v, seqlens_k, total, bias, heads,
+                                      kv_heads, a.head_dim, float(a.scaling))
+    return a.o_proj(out), key, value
+
+
+def is_fused(graph: Any) -> bool:
+    """Whether an onnx ModelProto holds onnxruntime's fused attention."""
+    return any(n.op_type == "GroupQueryAttention" for n in graph.graph.node)
+
+
 @contextlib.contextmanager
 def _untraced() -> Iterator[None]:
     """Compute without recording into a trace: a Function's export is its `symbolic` node alone, and the JIT passes
@@ -124,11 +143,10 @@ def rotary_caches(model: Any) -> tuple[Any, Any]:
 @contextlib.contextmanager
 def gqa_attention(model: Any) -> Iterator[None]:
     """Within the block, `model` (a Llama causal LM, per-layer shapes allowed) computes every attention layer
-    through the Functions of `_functions`, so that an ONNX export writes each layer's rotary embedding and
+    through `attend`, so that an ONNX export writes each layer's rotary embedding and
     attention as onnxruntime's fused nodes. Restores the model on exit."""
     import torch
 
-    rotary, attention = _functions()
     cos_cache, sin_cache = rotary_caches(model)
     inner = model.model
     state: dict[str, Any] = {}
@@ -147,19 +165,13 @@ def gqa_attention(model: Any) -> Iterator[None]:
 
     def attention_forward(self: Any, hidden_states: Any, position_embeddings: Any, attention_mask: Any,
                           past_key_values: Any = None, cache_position: Any = None, **kwargs: Any) -> Any:
-        heads, kv_heads = self.q_proj.out_features // self.head_dim, self.k_proj.out_features // self.head_dim
-        if past_key_values is None:
-            raise HwnasError("the fused attention exports a model with its KV cache (text-generation-with-past)")
-        layer = past_key_values.layers[self.layer_idx]
-        q = rotary.apply(self.q_proj(hidden_states), state["pos"], cos_cache, sin_cache, heads)
-        k = rotary.apply(self.k_proj(hidden_states), state["pos"], cos_cache, sin_cache, kv_heads)
-        v = self.v_proj(hidden_states)
-        if not layer.is_initialized:
-            layer.lazy_initialization(k.view(k.shape[0], k.shape[1], kv_heads, self.head_dim).transpose(1, 2))
-        out, layer.keys, layer.values = attention.apply(q, k, v, layer.keys, layer.values, state["seqlens_k"],
-                                                        state["total"], state["bias"], heads, kv_heads,
-                                                        self.head_dim, float(self.scaling))
-        return self.o_proj(out), None
+        layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
+        if layer is None or not layer.is_initialized:
+            raise HwnasError("the fused attention exports a model with its KV cache given as input "
+                             "(text-generation-with-past)")
+        out, layer.keys, layer.values = attend(self, hidden_states, state["pos"], layer.keys, layer.values,
+                                               state["seqlens_k"], state["total"], state["bias"], cos_cache, sin_cache)
+        return out, None
 
     attentions = [layer.self_attn for layer in inner.layers]
     inner.forward = model_forward

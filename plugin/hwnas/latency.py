@@ -248,23 +248,19 @@ def block_module(block: Block, config: Any, *, fused: bool = False):
     class FusedAttn(Attn):
         def __init__(self) -> None:
             super().__init__()
-            from .fused import _functions
-
-            self.rotary, self.attention = _functions()
             self.register_buffer("cos_cache", torch.rand(config.max_position_embeddings, head_dim // 2))
             self.register_buffer("sin_cache", torch.rand(config.max_position_embeddings, head_dim // 2))
 
         def forward(self, hidden_states, position_ids, *past):  # static shapes: the mask inputs are constants
+            from .fused import attend
+
             s, total = hidden_states.shape[1], past[0].shape[2] + hidden_states.shape[1]
             seqlens_k, total_t = torch.tensor([total - 1], dtype=torch.int32), torch.tensor(total, dtype=torch.int32)
             bias, presents = torch.zeros(1, 1, s, total), []
             for i, (norm, a) in enumerate(zip(self.norms, self.attns)):
-                h = norm(hidden_states)
-                q = self.rotary.apply(a.q_proj(h), position_ids, self.cos_cache, self.sin_cache, block.heads)
-                k = self.rotary.apply(a.k_proj(h), position_ids, self.cos_cache, self.sin_cache, block.kv_heads)
-                o, k, v = self.attention.apply(q, k, a.v_proj(h), past[2 * i], past[2 * i + 1], seqlens_k, total_t,
-                                               bias, block.heads, block.kv_heads, head_dim, float(a.scaling))
-                hidden_states = hidden_states + a.o_proj(o)
+                o, k, v = attend(a, norm(hidden_states), position_ids, past[2 * i], past[2 * i + 1], seqlens_k, total_t,
+                                 bias, self.cos_cache, self.sin_cache)
+                hidden_states = hidden_states + o
                 presents += [k, v]
             return (hidden_states, *presents)
 

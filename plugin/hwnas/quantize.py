@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Iterator
 
 from .common import HwnasError, atomic_dir, atomic_write_json, read_json
+from .fused import is_fused
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ def quantize_onnx(src: str | Path, dst: str | Path, *, precision: str, isa: str,
         kwargs = {k: v for k, v in settings.items() if k not in _GRAPH_KEYS}
         kwargs["weight_type"] = QuantType[kwargs["weight_type"]]
         graph = onnx.load(str(src), load_external_data=False)  # the structure; the weights only if edited below
-        settings["fused_attention"] = any(n.op_type == "GroupQueryAttention" for n in graph.graph.node)
+        settings["fused_attention"] = is_fused(graph)
         excluded = down_proj_nodes(graph, fp32_down) if fp32_down else []
         if excluded:
             kwargs["nodes_to_exclude"] = settings["nodes_to_exclude"] = excluded
@@ -256,7 +257,7 @@ def _quantize_nbits(src: Path, dst: Path, settings: dict[str, Any]) -> dict[str,
     untied = untie_lm_head(graph) if settings.get("untie_lm_head") else []
     tables = quantize_embeddings(graph) if settings.get("quantize_embedding") else []
     if "fused_attention" in settings:  # what the graph is, not what was asked
-        settings["fused_attention"] = any(n.op_type == "GroupQueryAttention" for n in graph.graph.node)
+        settings["fused_attention"] = is_fused(graph)
     kwargs = {k: v for k, v in settings.items() if k not in _GRAPH_KEYS}
     chatty = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")  # logs every node it skips
     level = chatty.level
@@ -472,15 +473,15 @@ def _reference(src: Path, kind: str) -> tuple[Any, Any]:
 # -- the quantizers: (src, kind, dst, ...) -> the exact settings used; each leaves a loadable folder in dst
 def _ort(src: Path, kind: str, dst: Path, *, method: str, model: Any, keep_fp32: str | None,
          **_: Any) -> dict[str, Any]:
-    precision = method.removeprefix("ort-")
+    precision, isa = method.removeprefix("ort-"), _cpu()["isa"]
     onnx_dir = _as_onnx(src, kind, dst, model,
-                        fused_attention=settings_for("onnxruntime", precision, _cpu()["isa"]).get("fused_attention", False))
+                        fused_attention=settings_for("onnxruntime", precision, isa).get("fused_attention", False))
     fp32_down = "all" if keep_fp32 == "down_proj" else _subnet_fp32_down(src)
     if precision == "int8-wo" and fp32_down:
         logger.info("ort-int8-wo quantizes every down_proj: the fp32 down_proj that %s marks is a remedy for "
                     "dynamic int8's activation loss, which weight-only int8 does not have", src)
         fp32_down = ()
-    settings = quantize_onnx(onnx_dir / "model.onnx", dst / "model.onnx", precision=precision, isa=_cpu()["isa"],
+    settings = quantize_onnx(onnx_dir / "model.onnx", dst / "model.onnx", precision=precision, isa=isa,
                              fp32_down=fp32_down)
     _copy_side_files(onnx_dir, dst)
     if onnx_dir != src:
