@@ -4,11 +4,14 @@ For each latency ratio (of the full model's predicted decode latency on the onnx
 the hwnas search's winner within the ratio (`hwnas search`, the `hwnas run` choice: the best of each depth by
 KL, re-scored by held-out LAMBADA last-word NLL, see hwnas.selection) and
 each baseline of `hwnas baseline` (layer-drop, width-uniform, random with the search's evaluation
-budget). Every sub-network and the full model are deployed as onnxruntime int8 (`hwnas quantize
+budget), plus hwnas's winner alone at each of --front-ratios (default 0.6 and 0.5), so that its front
+reaches down to the fastest baseline point. Every sub-network and the full model are deployed as onnxruntime int8 (`hwnas quantize
 --method ort-int8`), evaluated in that runtime with lm-eval on the same task items (`hwnas evaluate`),
 and benchmarked together in one interleaved `hwnas benchmark` run. Steps already done under --work
 are reused, so an interrupted comparison resumes.
 
+The verdicts compare hwnas with each baseline at each ratio (mean accuracy), and ask of every baseline
+point whether a point of hwnas's front dominates it, in measured and in predicted decode.
 Writes benchmarks/results/compare.{json,md,png}:
 
     .venv/bin/python benchmarks/compare.py                        (about an hour on 2 cores)
@@ -34,9 +37,11 @@ BASELINES = ("layer-drop", "width-uniform", "random")
 TABLE = Path(__file__).resolve().parents[1] / "latency_tables" / "smollm2-135m__cpu-amd-epyc-avx512vnni-t2__onnxruntime-int8.json"
 
 
-def candidates(model: str, table: Path, ratios: list[float], evaluations: int, population: int, seed: int,
-               work: Path) -> list[dict]:
-    """Every method's sub-network at every ratio, as checkpoints under `work` (built unless there)."""
+def candidates(model: str, table: Path, ratios: list[float], front_ratios: list[float], evaluations: int,
+               population: int, seed: int, work: Path) -> list[dict]:
+    """Every method's sub-network at every ratio, and hwnas's alone at each of `front_ratios` (more points of its
+    front, so that every baseline point, however fast, has hwnas points to be compared with), as checkpoints under
+    `work` (built unless there)."""
     from hwnas.baselines import run_baseline
     from hwnas.export import export_checkpoint
     from hwnas.pipeline import _choose
@@ -44,7 +49,7 @@ def candidates(model: str, table: Path, ratios: list[float], evaluations: int, p
 
     rows = [{"method": "full", "ratio": 1.0, "kl": 0.0, "predicted_ratio": 1.0, "checkpoint": str(resolve_model(model)),
              "config": None}]
-    for r in ratios:
+    for r in sorted({*ratios, *front_ratios}, reverse=True):
         d = work / f"ratio-{r:.2f}"
         search = d / "hwnas" / "search"
         if not (search / "summary.json").exists():
@@ -56,7 +61,7 @@ def candidates(model: str, table: Path, ratios: list[float], evaluations: int, p
             export_checkpoint(model=model, subnet=search / "pareto.json", pick=chosen["index"], out=ckpt)
         rows.append({"method": "hwnas", "ratio": r, "kl": chosen["kl"], "predicted_ratio": chosen["latency_ratio"],
                      "checkpoint": str(ckpt), "config": chosen["config"]})
-        for m in BASELINES:
+        for m in BASELINES if r in ratios else ():
             path = d / m / "baseline.json"
             b = read_json(path, "baseline") if path.exists() else run_baseline(
                 method=m, model=model, table=table, latency_ratio=r, evaluations=evaluations, population=population,
@@ -126,27 +131,42 @@ def mean_stderr(result: dict) -> float:
     return math.sqrt(sum(s * s for s in ses)) / len(ses)
 
 
+def dominators(point: dict, hw: list[dict], latency: str) -> list[dict]:
+    """The hwnas points at least as accurate and at most as slow as `point` (`latency`: a row's key)."""
+    return [h for h in hw if h["accuracy"] >= point["accuracy"] and h[latency] <= point[latency]]
+
+
 def verdicts(rows: list[dict]) -> list[str]:
-    """Per ratio: does hwnas's accuracy reach every baseline's; is every baseline point dominated by an hwnas point."""
+    """Per ratio: does hwnas's accuracy reach every baseline's; is every baseline point dominated by a point of
+    hwnas's front (any of its picks), in measured decode and in predicted decode. Then the fronts as a whole."""
     out = []
     hw = [r for r in rows if r["method"] == "hwnas"]
-    for r in sorted({r["ratio"] for r in rows if r["method"] != "full"}, reverse=True):
+    base = [r for r in rows if r["method"] in BASELINES]
+    for r in sorted({b["ratio"] for b in base}, reverse=True):
         mine = next(x for x in hw if x["ratio"] == r)
-        for b in (x for x in rows if x["ratio"] == r and x["method"] in BASELINES):
-            diff = mine["accuracy"] - b["accuracy"]
-            se = math.hypot(mine["accuracy_stderr"], b["accuracy_stderr"])
-            dominated = any(h["accuracy"] >= b["accuracy"] and h["decode_ms"] <= b["decode_ms"] for h in hw)
+        for b in (x for x in base if x["ratio"] == r):
             if mine["config"] == b["config"]:
                 out.append(f"ratio {r:.2f}: hwnas chose the same sub-network as {b['method']} (equal by construction)")
                 continue
+            diff = mine["accuracy"] - b["accuracy"]
+            se = math.hypot(mine["accuracy_stderr"], b["accuracy_stderr"])
+            dom = {k: bool(dominators(b, hw, k)) for k in ("decode_ratio", "predicted_ratio")}
             out.append(f"ratio {r:.2f}: hwnas {'>=' if diff >= 0 else '<'} {b['method']} by {diff * 100:+.1f} points "
-                       f"(±{se * 100:.1f} stderr of the difference); {b['method']}'s point is "
-                       f"{'' if dominated else 'NOT '}dominated by an hwnas point (accuracy and measured decode)")
+                       f"(±{se * 100:.1f} stderr of the difference); {b['method']}'s point dominated by an hwnas point: "
+                       f"in measured decode {'yes' if dom['decode_ratio'] else 'NO'}, "
+                       f"in predicted decode {'yes' if dom['predicted_ratio'] else 'NO'}")
+    for k, name in (("decode_ratio", "measured"), ("predicted_ratio", "predicted")):
+        left = [b for b in base if not dominators(b, hw, k)]
+        out.append(f"fronts ({name} decode): hwnas's {len(hw)} points dominate "
+                   + ("every baseline point" if not left else
+                      f"{len(base) - len(left)} of {len(base)} baseline points; not: "
+                      + ", ".join(f"{b['method']} @ {b['ratio']:.2f} ({b['accuracy'] * 100:.1f} at {b[k]:.2f})"
+                                  for b in left)))
     return out
 
 
-def main(model: str, table: Path, ratios: list[float], tasks: list[str], limit: int | None, evaluations: int,
-         population: int, seed: int, new_tokens: int, repeats: int, rounds: int, work: Path, out_dir: Path) -> dict:
+def main(model: str, table: Path, ratios: list[float], front_ratios: list[float], tasks: list[str], limit: int | None,
+         evaluations: int, population: int, seed: int, new_tokens: int, repeats: int, rounds: int, work: Path, out_dir: Path) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     # the table's bytes too: a re-profiled table (same path) must not reuse searches made with the old one
     args = {"model": model, "table": str(Path(table).resolve()),
@@ -155,7 +175,7 @@ def main(model: str, table: Path, ratios: list[float], tasks: list[str], limit: 
     if (work / "args.json").exists() and read_json(work / "args.json", "comparison arguments") != args:
         sys.exit(f"{work} holds a comparison made with {read_json(work / 'args.json')}, not {args}; choose another --work")
     atomic_write_json(work / "args.json", args)
-    rows = candidates(model, table, ratios, evaluations, population, seed, work)
+    rows = candidates(model, table, ratios, front_ratios, evaluations, population, seed, work)
     paths = deploy_all(rows, work)
     evals = evaluate_all(paths, tasks, limit, work)
     bench, report = measure_all(paths, new_tokens, repeats, rounds, work)
@@ -253,6 +273,8 @@ if __name__ == "__main__":
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--table", type=Path, default=TABLE, help="onnxruntime int8 latency table (default: the shipped one)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.8, 0.7])
+    p.add_argument("--front-ratios", type=float, nargs="*", default=[0.6, 0.5],
+                   help="more hwnas points, without baselines, for the fronts' comparison")
     p.add_argument("--tasks", default="arc_easy,piqa,hellaswag,lambada")
     p.add_argument("--limit", type=int, default=300, help="items per task (default 300)")
     p.add_argument("--evaluations", type=int, default=60, help="real quality evaluations of the search and of random")
@@ -264,5 +286,5 @@ if __name__ == "__main__":
     p.add_argument("--work", type=Path, default=None, help="working folder (default .cache/hwnas/compare)")
     p.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     a = p.parse_args()
-    main(a.model, a.table, a.ratios, a.tasks.split(","), a.limit, a.evaluations, a.population, a.seed, a.new_tokens,
+    main(a.model, a.table, a.ratios, a.front_ratios, a.tasks.split(","), a.limit, a.evaluations, a.population, a.seed, a.new_tokens,
          a.repeats, a.rounds, a.work or home() / "compare", a.out_dir)
