@@ -191,3 +191,41 @@ def test_cuda_fp16_torch_profile(tiny_model, tmp_path):
                 repeats=5, out=tmp_path / "cuda.json", progress=False)
     table = json.loads((tmp_path / "cuda.json").read_text())
     assert r["entries"] == 16 and table["header"]["device"]["kind"] == "cuda"
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_recalibrate_measures_the_calibration_again_and_keeps_the_blocks(runtime, tiny_tables, tiny_model, tmp_path):
+    """A table whose calibration was measured on a (simulated) 10x slower day: recalibration measures the same
+    sub-networks again here, now; the blocks are untouched."""
+    from hwnas.predictor import LatencyPredictor
+
+    table = json.loads(tiny_tables[runtime].read_text())
+    slow = [dict(c, measured={**c["measured"], "median_ms": 10 * c["measured"]["median_ms"]}) for c in table["calibration"]]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(dict(table, calibration=slow)))
+    before = LatencyPredictor.load(path)
+    out = profile(model=str(tiny_model), runtime=runtime, out=path, recalibrate=True, progress=False)
+    done = json.loads(path.read_text())
+    assert done["entries"] == table["entries"]
+    assert [(c["config"], c["phase"]) for c in done["calibration"]] == [(c["config"], c["phase"]) for c in slow]
+    assert done["header"]["recalibrated"]["previous_ms"] == [round(c["measured"]["median_ms"], 4) for c in slow]
+    assert out["points"] == len(slow) and out["median_shift"] < 0.5  # back from the inflated figures
+    assert out["corrections"].keys() == before.corrections.keys()  # refitted on the new points, loadable
+
+
+def test_recalibrate_refuses_what_it_cannot_measure(tiny_tables, tiny_model, tmp_path):
+    with pytest.raises(HwnasError, match="no table .* to recalibrate"):
+        profile(model=str(tiny_model), runtime="onnxruntime", out=tmp_path / "none.json", recalibrate=True)
+    with pytest.raises(HwnasError, match="--recalibrate"):
+        profile(model=str(tiny_model), runtime="onnxruntime", out=tiny_tables["onnxruntime"], recalibrate=True,
+                overwrite=True)
+    table = json.loads(tiny_tables["onnxruntime"].read_text())
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps(dict(table, header={**table["header"], "device": {**table["header"]["device"],
+                                                                                   "id": "cpu-some-arm-board-t2"}})))
+    with pytest.raises(HwnasError, match="cpu-some-arm-board-t2"):
+        profile(model=str(tiny_model), runtime="onnxruntime", out=foreign, recalibrate=True)
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps(dict(table, calibration=[])))
+    with pytest.raises(HwnasError, match="no calibration points"):
+        profile(model=str(tiny_model), runtime="onnxruntime", out=empty, recalibrate=True)

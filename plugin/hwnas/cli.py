@@ -108,14 +108,18 @@ def profile(
     overwrite: bool = False,
     export_blocks: Path | None = None,
     import_measurements: Path | None = None,
+    recalibrate: bool = False,
 ) -> dict[str, Any]:
-    """Measure the latency table of every block of `model` on this device for `runtime`/`precision`."""
+    """Measure the latency table of every block of `model` on this device for `runtime`/`precision`.
+
+    `--recalibrate` measures only the existing table's whole calibration sub-networks again (the device's speed
+    today) and refits its correction; the blocks stay."""
     from .latency import profile as run_profile
 
     return run_profile(model=model, runtime=runtime, precision=precision, device=device, threads=threads,
                        prefill=prefill, decode=decode, calibration=calibration, warmup=warmup, repeats=repeats,
                        out=out, resume=resume, overwrite=overwrite, export_blocks=export_blocks,
-                       import_measurements=import_measurements)
+                       import_measurements=import_measurements, recalibrate=recalibrate)
 
 
 def predict(*, table: Path, subnet: Path, tokens: int | None = None) -> dict[str, Any]:
@@ -303,6 +307,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace an existing table")
     c.add_argument("--export-blocks", type=Path, default=None, help="only write the block graphs for `python -m hwnas.runner`")
     c.add_argument("--import-measurements", type=Path, default=None, help="turn a measured block folder into a table")
+    c.add_argument("--recalibrate", action="store_true",
+                   help="measure the existing table's calibration sub-networks again (the device's speed now)")
     c = cmd("predict", predict, "predict a sub-network's latency and size from a table")
     c.add_argument("--table", type=Path, required=True)
     c.add_argument("--subnet", type=Path, required=True, help="sub-network config JSON")

@@ -458,17 +458,31 @@ def profile(*, model: str = "smollm2-135m", runtime: str = "onnxruntime", precis
             threads: int | None = None, prefill: Iterable[int] = (128,), decode: Iterable[int] = (128,),
             calibration: int = 8, warmup: int = 5, repeats: int = 30, out: str | Path | None = None,
             resume: bool = False, overwrite: bool = False, export_blocks: str | Path | None = None,
-            import_measurements: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+            import_measurements: str | Path | None = None, recalibrate: bool = False,
+            progress: bool = True) -> dict[str, Any]:
     """Measure the latency table of `model` for `runtime`/`precision` on this device; returns a summary.
 
     With `export_blocks` it only writes the graphs and their manifest, for `python -m hwnas.runner`
     on another device; `import_measurements` turns that folder, once measured, into a table.
+    `recalibrate` measures an existing table's calibration sub-networks again (hwnas.recalibrate).
     """
     if import_measurements is not None:
         return import_table(Path(import_measurements), out=out, overwrite=overwrite)
     from .hub import read_llama_config, resolve_model
 
     threads = _check_target(runtime, precision, device, threads)
+    if recalibrate:
+        from .recalibrate import recalibrate as run_recalibrate
+
+        if export_blocks is not None or resume or overwrite:
+            raise HwnasError("--recalibrate measures an existing table's calibration again; it takes none of "
+                             "--export-blocks, --import-measurements, --resume or --overwrite")
+        dev = device_info(device, threads)
+        out = Path(out) if out else default_table_path(model_label(model, resolve_model(model)), dev["id"], runtime,
+                                                       precision)
+        if not out.is_file():
+            raise HwnasError(f"no table {out} to recalibrate; profile it first (hwnas profile without --recalibrate)")
+        return run_recalibrate(table=out, model=model, progress=progress)
     if warmup < 0 or repeats < 3:
         raise HwnasError(f"need warmup >= 0 and repeats >= 3, got warmup={warmup}, repeats={repeats}")
     if calibration < 0:
