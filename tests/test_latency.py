@@ -213,12 +213,38 @@ def test_recalibrate_measures_the_calibration_again_and_keeps_the_blocks(runtime
     assert out["corrections"].keys() == before.corrections.keys()  # refitted on the new points, loadable
 
 
+def test_recalibrate_resumes_where_it_was_interrupted(tiny_tables, tiny_model, tmp_path, monkeypatch):
+    import hwnas.runner
+    from hwnas.recalibrate import ROUNDS
+
+    path = tmp_path / "t.json"
+    path.write_bytes(tiny_tables["onnxruntime"].read_bytes())
+    points = len(json.loads(path.read_text())["calibration"])
+    real, calls, interrupt = hwnas.runner.measure_item, [], [5]
+
+    def measure(*a, **k):  # Ctrl-C during the 5th measurement of the first call
+        calls.append(1)
+        if len(calls) == interrupt[0]:
+            interrupt[0] = None
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(hwnas.runner, "measure_item", measure)
+    with pytest.raises(KeyboardInterrupt):
+        profile(model=str(tiny_model), runtime="onnxruntime", out=path, recalibrate=True, progress=False)
+    assert "recalibrated" not in json.loads(path.read_text())["header"]  # the table is untouched until the end
+    calls.clear()
+    profile(model=str(tiny_model), runtime="onnxruntime", out=path, recalibrate=True, progress=False)
+    assert len(calls) == ROUNDS * points - 4  # the 4 measured before the interruption are kept
+    assert "recalibrated" in json.loads(path.read_text())["header"]
+
+
 def test_recalibrate_refuses_what_it_cannot_measure(tiny_tables, tiny_model, tmp_path):
     with pytest.raises(HwnasError, match="no table .* to recalibrate"):
         profile(model=str(tiny_model), runtime="onnxruntime", out=tmp_path / "none.json", recalibrate=True)
-    with pytest.raises(HwnasError, match="--recalibrate"):
-        profile(model=str(tiny_model), runtime="onnxruntime", out=tiny_tables["onnxruntime"], recalibrate=True,
-                overwrite=True)
+    for flag in ({"overwrite": True}, {"import_measurements": tmp_path}):
+        with pytest.raises(HwnasError, match="--recalibrate"):
+            profile(model=str(tiny_model), runtime="onnxruntime", out=tiny_tables["onnxruntime"], recalibrate=True, **flag)
     table = json.loads(tiny_tables["onnxruntime"].read_text())
     foreign = tmp_path / "foreign.json"
     foreign.write_text(json.dumps(dict(table, header={**table["header"], "device": {**table["header"]["device"],

@@ -466,6 +466,9 @@ def profile(*, model: str = "smollm2-135m", runtime: str = "onnxruntime", precis
     on another device; `import_measurements` turns that folder, once measured, into a table.
     `recalibrate` measures an existing table's calibration sub-networks again (hwnas.recalibrate).
     """
+    if recalibrate and (export_blocks is not None or import_measurements is not None or resume or overwrite):
+        raise HwnasError("--recalibrate measures an existing table's calibration again; it takes none of "
+                         "--export-blocks, --import-measurements, --resume or --overwrite")
     if import_measurements is not None:
         return import_table(Path(import_measurements), out=out, overwrite=overwrite)
     from .hub import read_llama_config, resolve_model
@@ -474,9 +477,6 @@ def profile(*, model: str = "smollm2-135m", runtime: str = "onnxruntime", precis
     if recalibrate:
         from .recalibrate import recalibrate as run_recalibrate
 
-        if export_blocks is not None or resume or overwrite:
-            raise HwnasError("--recalibrate measures an existing table's calibration again; it takes none of "
-                             "--export-blocks, --import-measurements, --resume or --overwrite")
         dev = device_info(device, threads)
         out = Path(out) if out else default_table_path(model_label(model, resolve_model(model)), dev["id"], runtime,
                                                        precision)
