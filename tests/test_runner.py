@@ -36,6 +36,17 @@ def test_device_id_is_file_name_safe():
     assert runner.device_id({"kind": "cuda", "name": "NVIDIA H200"}) == "cuda-nvidia-h200"
 
 
+def test_device_id_tells_apart_cpu_generations_behind_one_vendor_name():
+    zen4 = {"kind": "cpu", "name": "AMD EPYC", "part": "f25m17", "isa": "avx512vnni", "cores": 2}
+    zen5 = {**zen4, "part": "f26m2"}
+    assert runner.device_id(zen4) == "cpu-amd-epyc-f25m17-avx512vnni-t2" != runner.device_id(zen5)
+    named = {**zen4, "name": "AMD EPYC 9654 96-Core Processor"}  # the name already says which part
+    assert runner.device_id(named) == "cpu-amd-epyc-9654-avx512vnni-t2"
+    assert runner.device_id({**zen4, "part": None}) == "cpu-amd-epyc-avx512vnni-t2"  # /proc/cpuinfo did not say
+    arm = {"kind": "cpu", "name": "aarch64", "part": "0x41-0xd0b", "isa": "neon", "cores": 4}
+    assert runner.device_id(arm, 4) == "cpu-aarch64-0x41-0xd0b-neon-t4"
+
+
 @pytest.fixture(scope="module")
 def blocks_dir(tiny_model, tmp_path_factory):
     from hwnas.latency import profile

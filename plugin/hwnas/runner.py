@@ -37,14 +37,23 @@ class RunnerError(ValueError):
 
 # ----------------------------------------------------------------------------- device description
 def cpu_info() -> dict[str, Any]:
-    """CPU model, core count and the ISA level that decides int8/int4 kernels."""
-    name, flags = platform.processor() or platform.machine(), set()
+    """CPU model, core count, the ISA level that decides int8/int4 kernels, and the part number.
+
+    `part` is the microarchitecture as /proc/cpuinfo numbers it (x86 ``f<cpu family>m<model>``, ARM
+    ``<implementer>-<part>``), or None where it does not say. Virtual machines often report only a vendor
+    name ("AMD EPYC"): two CPU generations a third apart in speed then share a name, but not a part.
+    """
+    name, flags, part = platform.processor() or platform.machine(), set(), None
     try:
         text = Path("/proc/cpuinfo").read_text()
         m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
         name = m.group(1).strip() if m else name
         m = re.search(r"^(flags|Features)\s*:\s*(.+)$", text, re.M)
         flags = set(m.group(2).split()) if m else set()
+        fam, mod = (re.search(rf"^{k}\s*:\s*(\w+)\s*$", text, re.M) for k in ("cpu family", "model"))
+        imp, arm = (re.search(rf"^{k}\s*:\s*(\w+)\s*$", text, re.M) for k in ("CPU implementer", "CPU part"))
+        part = (f"f{fam.group(1)}m{mod.group(1)}" if fam and mod
+                else f"{imp.group(1)}-{arm.group(1)}".lower() if imp and arm else None)
     except OSError:
         pass
     isa = next(
@@ -52,14 +61,22 @@ def cpu_info() -> dict[str, Any]:
                                    ("avx512", "avx512f"), ("avx2", "avx2"), ("neon", "asimd")) if flag in flags),
         platform.machine().lower(),
     )
-    return {"kind": "cpu", "name": name, "cores": os.cpu_count(), "isa": isa, "machine": platform.machine()}
+    return {"kind": "cpu", "name": name, "part": part, "cores": os.cpu_count(), "isa": isa,
+            "machine": platform.machine()}
 
 
 def device_id(info: dict[str, Any], threads: int | None = None) -> str:
-    """A file-name-safe id: ``cpu-amd-epyc-avx512vnni-t2`` or ``cuda-nvidia-h200``."""
+    """A file-name-safe id: ``cpu-amd-epyc-f26m2-avx512vnni-t2`` or ``cuda-nvidia-h200``.
+
+    A CPU name without a model number ("AMD EPYC", or only the architecture) is followed by the part (`cpu_info`), so that tables
+    measured on two generations of one vendor's CPUs do not pass for each other.
+    """
     slug = re.sub(r"[^a-z0-9]+", "-", str(info["name"]).lower()).strip("-")
     slug = re.sub(r"-?(processor|cpu|with-radeon.*|\d+-core)-?", "-", slug).strip("-")[:32].strip("-")
     if info["kind"] == "cpu":
+        part = info.get("part")
+        if part and not re.search(r"\d", re.sub(r"aarch64|arm64|x86-64|amd64", "", slug)):  # no model number
+            slug = f"{slug}-{re.sub(r'[^a-z0-9]+', '-', str(part).lower())}"
         return f"cpu-{slug}-{info['isa']}-t{threads or info['cores']}"
     return f"{info['kind']}-{slug}"
 
