@@ -34,7 +34,21 @@ from hwnas.hub import DEFAULT_MODEL, read_llama_config, resolve_model
 from hwnas.lmeval import headline
 
 BASELINES = ("layer-drop", "width-uniform", "random")
-TABLE = Path(__file__).resolve().parents[1] / "latency_tables" / "smollm2-135m__cpu-amd-epyc-avx512vnni-t2__onnxruntime-int8.json"
+
+
+def this_device_table(model: str) -> Path:
+    """The shipped onnxruntime int8 table of `model` for this machine's device id."""
+    from hwnas import runner
+    from hwnas.latency import model_label
+    from hwnas.pipeline import find_table
+
+    cpu = runner.cpu_info()
+    device = runner.device_id(cpu, cpu["cores"])
+    table = find_table(model_label(model, resolve_model(model)), device, "onnxruntime", "int8")
+    if table is None:
+        raise SystemExit(f"no shipped onnxruntime int8 table of {model} for {device}; run "
+                         f"`hwnas profile --model {model} --runtime onnxruntime --precision int8` or pass --table")
+    return table
 
 
 def candidates(model: str, table: Path, ratios: list[float], front_ratios: list[float], evaluations: int,
@@ -271,7 +285,8 @@ def plot(result: dict, path: Path) -> None:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--table", type=Path, default=TABLE, help="onnxruntime int8 latency table (default: the shipped one)")
+    p.add_argument("--table", type=Path, default=None,
+                   help="onnxruntime int8 latency table (default: the one shipped for this device)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.8, 0.7])
     p.add_argument("--front-ratios", type=float, nargs="*", default=[0.6, 0.5],
                    help="more hwnas points, without baselines, for the fronts' comparison")
@@ -286,5 +301,5 @@ if __name__ == "__main__":
     p.add_argument("--work", type=Path, default=None, help="working folder (default .cache/hwnas/compare)")
     p.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     a = p.parse_args()
-    main(a.model, a.table, a.ratios, a.front_ratios, a.tasks.split(","), a.limit, a.evaluations, a.population, a.seed, a.new_tokens,
+    main(a.model, a.table or this_device_table(a.model), a.ratios, a.front_ratios, a.tasks.split(","), a.limit, a.evaluations, a.population, a.seed, a.new_tokens,
          a.repeats, a.rounds, a.work or home() / "compare", a.out_dir)
