@@ -301,5 +301,5 @@ if __name__ == "__main__":
     p.add_argument("--work", type=Path, default=None, help="working folder (default .cache/hwnas/compare)")
     p.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     a = p.parse_args()
-    main(a.model, a.table or this_device_table(a.model), a.ratios, a.front_ratios, a.tasks.split(","), a.limit, a.evaluations, a.population, a.seed, a.new_tokens,
-         a.repeats, a.rounds, a.work or home() / "compare", a.out_dir)
+    main(a.model, a.table or this_device_table(a.model), a.ratios, a.front_ratios, a.tasks.split(","), a.limit,
+         a.evaluations, a.population, a.seed, a.new_tokens, a.repeats, a.rounds, a.work or home() / "compare", a.out_dir)

@@ -41,7 +41,7 @@ def cpu_info() -> dict[str, Any]:
 
     `part` is the microarchitecture as /proc/cpuinfo numbers it (x86 ``f<cpu family>m<model>``, ARM
     ``<implementer>-<part>``), or None where it does not say. Virtual machines often report only a vendor
-    name ("AMD EPYC"): two CPU generations a third apart in speed then share a name, but not a part.
+    name ("AMD EPYC"): two CPU generations then share a name, but not a part.
     """
     name, flags, part = platform.processor() or platform.machine(), set(), None
     try:
@@ -68,8 +68,8 @@ def cpu_info() -> dict[str, Any]:
 def device_id(info: dict[str, Any], threads: int | None = None) -> str:
     """A file-name-safe id: ``cpu-amd-epyc-f26m2-avx512vnni-t2`` or ``cuda-nvidia-h200``.
 
-    A CPU name without a model number ("AMD EPYC", or only the architecture) is followed by the part (`cpu_info`), so that tables
-    measured on two generations of one vendor's CPUs do not pass for each other.
+    A CPU name without a model number ("AMD EPYC", or only the architecture) is followed by the part
+    (`cpu_info`), so that tables measured on two generations of one vendor's CPUs do not pass for each other.
     """
     slug = re.sub(r"[^a-z0-9]+", "-", str(info["name"]).lower()).strip("-")
     slug = re.sub(r"-?(processor|cpu|with-radeon.*|\d+-core)-?", "-", slug).strip("-")[:32].strip("-")
