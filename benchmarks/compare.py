@@ -5,9 +5,9 @@ the hwnas search's winner within the ratio (`hwnas search`, the `hwnas run` choi
 KL, re-scored by held-out LAMBADA last-word NLL, see hwnas.selection) and
 each baseline of `hwnas baseline` (layer-drop, width-uniform, random with the search's evaluation
 budget), plus hwnas's winner alone at each of --front-ratios (default 0.6 and 0.5), so that its front
-reaches down to the fastest baseline point. Every sub-network and the full model are deployed as onnxruntime int8 (`hwnas quantize
---method ort-int8`), evaluated in that runtime with lm-eval on the same task items (`hwnas evaluate`),
-and benchmarked together in one interleaved `hwnas benchmark` run. Steps already done under --work
+reaches down to the fastest baseline point. Every sub-network and the full model are deployed as
+onnxruntime int8 (`hwnas quantize --method ort-int8`), evaluated in that runtime with lm-eval on the same
+task items (`hwnas evaluate`), and benchmarked together in one interleaved `hwnas benchmark` run. Steps already done under --work
 are reused, so an interrupted comparison resumes.
 
 The verdicts compare hwnas with each baseline at each ratio (mean accuracy), and ask of every baseline
@@ -180,7 +180,8 @@ def verdicts(rows: list[dict]) -> list[str]:
 
 
 def main(model: str, table: Path, ratios: list[float], front_ratios: list[float], tasks: list[str], limit: int | None,
-         evaluations: int, population: int, seed: int, new_tokens: int, repeats: int, rounds: int, work: Path, out_dir: Path) -> dict:
+         evaluations: int, population: int, seed: int, new_tokens: int, repeats: int, rounds: int, work: Path,
+         out_dir: Path) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     # the table's bytes too: a re-profiled table (same path) must not reuse searches made with the old one
     args = {"model": model, "table": str(Path(table).resolve()),

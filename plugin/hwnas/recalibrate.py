@@ -46,10 +46,11 @@ def recalibrate(*, table: Path, model: str, progress: bool = True) -> dict[str, 
     if h["device"]["kind"] != "cpu":
         raise HwnasError(f"{table} is a {h['device']['kind']} table; recalibration measures on cpu here")
     threads = h["device"]["threads"]
-    isa = runner.cpu_info()["isa"]
+    cpu = runner.cpu_info()
+    isa = cpu["isa"]
     # the same device, the same model and what this code deploys: otherwise the points would not belong to the blocks
     check_table(table, signature=model_signature(read_llama_config(resolve_model(model))), runtime=t.runtime,
-                precision=t.precision, device_id=runner.device_id(runner.cpu_info(), threads), isa=isa)
+                precision=t.precision, device_id=runner.device_id(cpu, threads), isa=isa)
     if not t.calibration:
         raise HwnasError(f"{table} has no calibration points to measure again (profiled with --calibration 0)")
     points = [(SubnetConfig.from_dict(c["config"]), c["phase"]) for c in t.calibration]
