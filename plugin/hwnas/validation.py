@@ -9,10 +9,14 @@ interleaved per sub-network, so machine drift hits them alike. The measured late
 the passes, as a table keeps the median of its rounds; the passes' disagreement is reported as the
 measurement's repeatability, beside the predictor's error, so a reader can tell one from the other.
 
-Each pass also measures the full model just before every sub-network: the drift reference, the median
-of all those runs. The report adds the error of the predicted ratio to the full model (what the
-search's `--latency-ratio` budgets use), which a uniform change of the machine's speed between
-profiling and validation leaves untouched.
+Each pass also measures the full model just before every sub-network: the drift reference. The report
+adds the error of the predicted ratio to the full model (what the search's `--latency-ratio` budgets
+use), measured as the median over passes of each pass's ratio to the full model run just before: a
+change of the machine's speed between profiling and validation, or between passes, cancels out. Its
+repeatability between passes is reported too.
+
+A run saves every measurement as it goes and resumes where it stopped; called again once finished, it
+only writes its report.
 """
 from __future__ import annotations
 
@@ -103,14 +107,24 @@ def validate_latency(*, model: str = "smollm2-135m", tables: list[Path], samples
         raise HwnasError(f"{out} holds a validation run with other arguments ({state.get('args')}); use another --out")
     state = state or {"args": key_args, "configs": [c.to_dict() for c in cfgs], "m": {}, "bytes": {}}
     torch.set_num_threads(threads)
-    sn = Supernet.from_pretrained(model, calibration=None)
     art = out / "artifacts"
     isa = runner.cpu_info()["isa"]
     deployed = sorted((t for t, pred in targets.items() if pred.table.runtime != "torch"),
                       key=lambda t: t != "onnxruntime-fp32")
     nets = {**{str(i): c for i, c in enumerate(cfgs)}, "ref": space.max_config()}
-    with tqdm(total=len(nets), desc="build sub-networks", unit="net", disable=not progress) as bar:
-        for i, cfg in nets.items():
+    # the full model (the drift reference) is measured just before every sub-network, in every pass:
+    # one measurement per pass is as exposed to a disturbed moment as any other
+    order = [str(i) for i in range(len(cfgs))]
+    jobs = [(k, j, net, t, ph, tok) for k in range(passes) for i in (order if k % 2 == 0 else order[::-1])
+            for j, net in ((f"ref@{i}", "ref"), (i, i)) for t in targets for ph, tok in phases]
+    jobs = [(f"{k}/{j}/{t}/{phase_key(ph, tok)}", net, t, ph, tok) for k, j, net, t, ph, tok in jobs]
+    # a net is built (and the model loaded) only while it still has something to measure or weigh: a finished
+    # run, called again, only writes its report
+    todo = {net for key, net, *_ in jobs if key not in state["m"]}
+    todo |= {i for i in nets for t in targets if f"{i}/{t}" not in state["bytes"]}
+    sn = Supernet.from_pretrained(model, calibration=None) if todo else None
+    with tqdm(total=len(todo), desc="build sub-networks", unit="net", disable=not progress) as bar:
+        for i, cfg in ((i, c) for i, c in nets.items() if i in todo):
             sub = None  # extracted once per sub-network, only when something is still to build or weigh
             for t in deployed:
                 d = art / i / t
@@ -132,15 +146,9 @@ def validate_latency(*, model: str = "smollm2-135m", tables: list[Path], samples
     flusher, sig = runner.CacheFlusher(), model_signature(config)
     # torch tables measure extracted models: keep the reference and the sub-network in hand (it alternates
     # between them, one phase after another) instead of extracting one per measurement
-    extract = functools.lru_cache(maxsize=2)(sn.extract)
-    # the full model (the drift reference) is measured just before every sub-network, in every pass:
-    # one measurement per pass is as exposed to a disturbed moment as any other
-    order = [str(i) for i in range(len(cfgs))]
-    jobs = [(k, j, net, t, ph, tok) for k in range(passes) for i in (order if k % 2 == 0 else order[::-1])
-            for j, net in ((f"ref@{i}", "ref"), (i, i)) for t in targets for ph, tok in phases]
+    extract = functools.lru_cache(maxsize=2)(sn.extract) if sn is not None else None
     with tqdm(total=len(jobs), desc="measure", unit="run", disable=not progress) as bar:
-        for k, j, net, t, ph, tok in jobs:
-            key = f"{k}/{j}/{t}/{phase_key(ph, tok)}"
+        for key, net, t, ph, tok in jobs:
             if key not in state["m"]:
                 state["m"][key] = _measure(extract, nets[net], targets[t].table.header, art / net / t, ph, tok, threads,
                                            flusher, sig)["median_ms"]
@@ -191,13 +199,23 @@ def _report(targets: dict[str, LatencyPredictor], cfgs: list[SubnetConfig], ref:
             ref_runs = np.array([[state["m"][f"{k}/ref@{i}/{t}/{pk}"] for k in range(passes)]
                                  for i in range(len(cfgs))])
             ref_meas, ref_pred = float(np.median(ref_runs)), p.latency_ms(ref, ph, tok)
+            # the ratio to the full model measured just before, in the same pass, then its median over passes:
+            # a change of the machine's speed between passes (or between sub-networks) cancels out
+            ratios = runs / ref_runs
+            ratio_meas = np.median(ratios, 1)
+            ratio_rep = (np.array([np.abs(ratios[:, a] - ratios[:, b]) / ratio_meas for a, b in pairs]) if pairs
+                         else np.zeros((1, len(cfgs))))
             entry["phases"][pk] = {
                 "n": len(cfgs), **agreement(pred, meas),
                 "kendall_tau": float(stats.kendalltau(pred, meas).statistic),
                 "spearman": float(stats.spearmanr(pred, meas).statistic),
                 "repeatability": {"median_pass_diff": float(np.median(rep)), "max_pass_diff": float(np.max(rep)),
                                   "within_10pct_between_passes": float(np.mean(rep <= 0.10))},
-                "ratio_to_full": {**agreement(pred / ref_pred, meas / ref_meas), "full_measured_ms": round(ref_meas, 3),
+                "ratio_to_full": {**agreement(pred / ref_pred, ratio_meas),
+                                  "kendall_tau": float(stats.kendalltau(pred, ratio_meas).statistic),
+                                  "measured": ratio_meas.round(4).tolist(),
+                                  "within_10pct_between_passes": float(np.mean(ratio_rep <= 0.10)),
+                                  "full_measured_ms": round(ref_meas, 3),
                                   "full_predicted_ms": round(ref_pred, 3), "full_passes_ms": ref_runs.round(3).tolist(),
                                   "full_repeat_median_diff": float(np.median(np.abs(ref_runs - ref_meas)) / ref_meas)},
                 "predicted_ms": pred.round(3).tolist(), "measured_ms": meas.round(3).tolist(),
