@@ -10,8 +10,9 @@ onnxruntime int8 (`hwnas quantize --method ort-int8`), evaluated in that runtime
 task items (`hwnas evaluate`), and benchmarked together in one interleaved `hwnas benchmark` run. Steps already done under --work
 are reused, so an interrupted comparison resumes.
 
-The verdicts compare hwnas with each baseline at each ratio (mean accuracy), and ask of every baseline
-point whether a point of hwnas's front dominates it, in measured and in predicted decode.
+The verdicts compare hwnas with each baseline at each ratio (mean accuracy, with the standard error of the
+difference taken item by item, since every model answers the same items), and ask of every baseline point
+whether a point of hwnas's front dominates it, in measured and in predicted decode.
 Writes benchmarks/results/compare.{json,md,png}:
 
     .venv/bin/python benchmarks/compare.py                        (about an hour on 2 cores)
@@ -31,7 +32,7 @@ from pathlib import Path
 import hwnas  # noqa: F401  (keeps caches inside the project)
 from hwnas.common import HwnasError, atomic_write_json, atomic_write_text, home, read_json
 from hwnas.hub import DEFAULT_MODEL, read_llama_config, resolve_model
-from hwnas.lmeval import headline
+from hwnas.lmeval import headline, paired_difference
 
 BASELINES = ("layer-drop", "width-uniform", "random")
 
@@ -162,11 +163,11 @@ def verdicts(rows: list[dict]) -> list[str]:
             if mine["config"] == b["config"]:
                 out.append(f"ratio {r:.2f}: hwnas chose the same sub-network as {b['method']} (equal by construction)")
                 continue
-            diff = mine["accuracy"] - b["accuracy"]
-            se = math.hypot(mine["accuracy_stderr"], b["accuracy_stderr"])
+            diff, se = paired_difference(mine, b)  # the same items: their difference item by item
             dom = {k: bool(dominators(b, hw, k)) for k in ("decode_ratio", "predicted_ratio")}
             out.append(f"ratio {r:.2f}: hwnas {'>=' if diff >= 0 else '<'} {b['method']} by {diff * 100:+.1f} points "
-                       f"(±{se * 100:.1f} stderr of the difference); {b['method']}'s point dominated by an hwnas point: "
+                       f"(±{se * 100:.1f} paired stderr, {abs(diff) / se if se else math.inf:.1f} sigma); "
+                       f"{b['method']}'s point dominated by an hwnas point: "
                        f"in measured decode {'yes' if dom['decode_ratio'] else 'NO'}, "
                        f"in predicted decode {'yes' if dom['predicted_ratio'] else 'NO'}")
     for k, name in (("decode_ratio", "measured"), ("predicted_ratio", "predicted")):
@@ -216,6 +217,8 @@ def main(model: str, table: Path, ratios: list[float], front_ratios: list[float]
               "search_evaluations": evaluations, "device": report["device"], "settings": report["settings"],
               "lm_eval_version": evals[full_key]["lm_eval_version"], "rows": rows}
     result["verdicts"] = verdicts(rows)
+    for row in rows:  # the item-by-item scores stay in the work folder's evaluations
+        row["tasks"] = {t: {k: v for k, v in r.items() if k != "scores"} for t, r in row["tasks"].items()}
     atomic_write_json(out_dir / "compare.json", result)
     md = markdown(result)
     atomic_write_text(out_dir / "compare.md", md)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import zipfile
@@ -11,7 +12,8 @@ import pytest
 
 import hwnas  # noqa: F401  (library caches inside the project)
 from hwnas.common import HwnasError
-from hwnas.lmeval import TASKS, TASKS_DIR, evaluate_path, lm_eval_model, resolve_tasks, task_manager
+from hwnas.lmeval import (TASKS, TASKS_DIR, evaluate_path, headline, lm_eval_model, paired_difference, resolve_tasks,
+                          task_manager)
 
 # Standard lm-eval task each hwnas task copies (relative to lm_eval/tasks), and the size of its scored split.
 STANDARD = {
@@ -137,6 +139,30 @@ def test_evaluate_torch_checkpoint_in_the_contract_format(torch_result, tiny_mod
     assert r["mean_acc_norm_or_acc"] == pytest.approx((r["tasks"]["arc_easy"]["acc_norm"] + sum(accs[1:])) / 3)
 
 
+def test_item_scores_are_the_headline_metric_item_by_item(torch_result):
+    for t in torch_result["tasks"].values():
+        assert len(t["scores"]) == t["n"] == 4 and set(t["scores"]) <= {0.0, 1.0}
+        assert sum(t["scores"]) / 4 == pytest.approx(headline(t)[0])
+
+
+def _result(scores, **kw):
+    acc = sum(scores) / len(scores)
+    return {"tasks": {"t": {"acc": acc, "acc_stderr": kw.get("se", 0.2), "acc_norm": None, "acc_norm_stderr": None,
+                            **({"scores": scores} if scores else {})}}}
+
+
+def test_paired_difference_takes_the_items_difference():
+    a, b = _result([1, 1, 1, 0]), _result([1, 1, 0, 0])
+    diff, se = paired_difference(a, b)
+    assert diff == pytest.approx(0.25) and se == pytest.approx(0.25)  # d = [0, 0, 1, 0]: sd 0.5 / sqrt(4)
+    assert paired_difference(a, a) == (0.0, 0.0)  # the same answers: no uncertainty about their difference
+    # without per-item scores, the two stderrs combined as if independent
+    a["tasks"]["t"].pop("scores")
+    assert paired_difference(a, b)[1] == pytest.approx(math.hypot(0.2, 0.2))
+    with pytest.raises(HwnasError, match="different tasks"):
+        paired_difference(a, {"tasks": {"u": b["tasks"]["t"]}})
+
+
 def test_progress_false_prints_nothing(tiny_model, capfd):
     from hwnas.hub import load_artifact
     from hwnas.lmeval import evaluate_model
@@ -163,7 +189,7 @@ def test_onnxruntime_gives_the_same_results_and_loglikelihoods(torch_result, onn
     assert r["runtime"] == "onnxruntime" and r["batch_size"] == 1  # as deployed: dynamic int8 depends on the batch
     for name, t in torch_result["tasks"].items():
         assert r["tasks"][name]["acc"] == t["acc"] and r["tasks"][name]["n"] == t["n"]
-        assert r["tasks"][name]["acc_norm"] == t["acc_norm"]
+        assert r["tasks"][name]["acc_norm"] == t["acc_norm"] and r["tasks"][name]["scores"] == t["scores"]
     # request by request: HFLM's batched, right-padded calls give the same log-likelihoods on both runtimes
     from hwnas.hub import load_artifact
 
@@ -205,6 +231,7 @@ def test_cli_evaluate_writes_json_and_prints_a_table(tiny_model, tmp_path, capsy
     assert list(saved["tasks"]) == ["boolq", "mmlu"] and saved["limit"] == 2
     assert saved["tasks"]["boolq"]["n"] == 2 and saved["tasks"]["mmlu"]["n"] == 114  # --limit is per MMLU subject
     assert isinstance(saved["tasks"]["mmlu"]["acc_stderr"], float)
+    assert len(saved["tasks"]["mmlu"]["scores"]) == 114  # every subject's items, for paired comparisons
     stdout = capsys.readouterr().out
     assert "| task | n | acc ± stderr | acc_norm ± stderr |" in stdout and "| mmlu | 114 |" in stdout
     assert json.loads(stdout[stdout.index("\n{") + 1:])["out"] == str(out)

@@ -234,7 +234,7 @@ def evaluate_model(model: Any, tokenizer: Any, tasks: Sequence[str], *, limit: i
 
         lm = lm_eval_model(model, tokenizer, batch_size=batch_size, progress=progress)
         out = simple_evaluate(model=lm, tasks=list(wanted.values()), task_manager=task_manager(),
-                              num_fewshot=fewshot, limit=limit, log_samples=False, bootstrap_iters=1000,
+                              num_fewshot=fewshot, limit=limit, log_samples=True, bootstrap_iters=1000,
                               random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                               fewshot_random_seed=seed)
     if out is None:
@@ -251,11 +251,44 @@ def evaluate_model(model: Any, tokenizer: Any, tasks: Sequence[str], *, limit: i
                          "n": n}
         if short == "lambada":
             report[short]["perplexity"] = _metric(res, "perplexity")
+        report[short]["scores"] = _item_scores(out.get("samples", {}), members, report[short])
     accs = [r["acc"] for r in report.values()]
     best = [headline(r)[0] for r in report.values()]
     return {"tasks": report, "mean_acc": sum(accs) / len(accs), "mean_acc_norm_or_acc": sum(best) / len(best),
             "fewshot": fewshot, "limit": limit, "seed": seed, "lm_eval_version": version("lm_eval"),
             "runtime": runtime, "batch_size": batch_size}
+
+
+def _item_scores(samples: dict[str, list[dict[str, Any]]], members: list[str], task: dict[str, Any]) -> list[float]:
+    """Each item's headline score (acc_norm where the task has it, else acc), in a fixed order (subtask, then
+    document): two models evaluated on the same items can be compared item by item (`paired_difference`)."""
+    metric = "acc" if task["acc_norm"] is None else "acc_norm"
+    return [float(x[metric]) for t in sorted(members) for x in sorted(samples.get(t, []), key=lambda x: x["doc_id"])]
+
+
+def paired_difference(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float]:
+    """Mean over tasks of `a`'s headline accuracy minus `b`'s, and its standard error from the item-by-item
+    differences (both evaluated on the same items, as `evaluate_model` with the same tasks, limit and seed does).
+
+    Pairing removes what the two models share (an easy item is easy for both), so the error is smaller than the
+    two results' stderrs combined as if independent; falls back to that when per-item scores are missing."""
+    import numpy as np
+
+    if a["tasks"].keys() != b["tasks"].keys():
+        raise HwnasError(f"results on different tasks cannot be paired: {sorted(a['tasks'])} vs {sorted(b['tasks'])}")
+    means, variances = [], []
+    for t, ra in a["tasks"].items():
+        rb = b["tasks"][t]
+        sa, sb = ra.get("scores"), rb.get("scores")
+        if not sa or not sb or len(sa) != len(sb):
+            (xa, ea), (xb, eb) = headline(ra), headline(rb)
+            means.append(xa - xb)
+            variances.append((ea or 0.0) ** 2 + (eb or 0.0) ** 2)
+            continue
+        d = np.asarray(sa) - np.asarray(sb)
+        means.append(float(d.mean()))
+        variances.append(float(d.var(ddof=1)) / len(d) if len(d) > 1 else 0.0)
+    return sum(means) / len(means), math.sqrt(sum(variances)) / len(variances)
 
 
 def headline(task: dict[str, Any]) -> tuple[float, float | None]:
