@@ -184,6 +184,11 @@ def _report(targets: dict[str, LatencyPredictor], cfgs: list[SubnetConfig], ref:
         return {"within_10pct": float(np.mean(np.abs(err) <= 0.10)), "mape": float(np.mean(np.abs(err))),
                 "max_abs_err": float(np.max(np.abs(err))), "mean_signed_err": float(np.mean(err))}
 
+    def between_passes(x: np.ndarray, centre: np.ndarray) -> np.ndarray:
+        """Every pair of passes of the same sub-network: how far the measurement repeats itself (relative)."""
+        pairs = [(a, b) for a in range(passes) for b in range(a + 1, passes)]
+        return np.array([np.abs(x[:, a] - x[:, b]) / centre for a, b in pairs]) if pairs else np.zeros((1, len(x)))
+
     out: dict[str, Any] = {"samples": len(cfgs), "passes": passes, "configs": [c.to_dict() for c in cfgs], "tables": {}}
     for t, p in targets.items():
         entry: dict[str, Any] = {"table": str(p.table.path), "phases": {}}
@@ -192,10 +197,7 @@ def _report(targets: dict[str, LatencyPredictor], cfgs: list[SubnetConfig], ref:
             runs = np.array([[state["m"][f"{k}/{i}/{t}/{pk}"] for k in range(passes)] for i in range(len(cfgs))])
             meas = np.median(runs, 1)
             pred = np.array([p.latency_ms(c, ph, tok) for c in cfgs])
-            # every pair of passes of the same sub-network: how far the measurement repeats itself
-            pairs = [(a, b) for a in range(passes) for b in range(a + 1, passes)]
-            rep = (np.array([np.abs(runs[:, a] - runs[:, b]) / meas for a, b in pairs]) if pairs
-                   else np.zeros((1, len(cfgs))))
+            rep = between_passes(runs, meas)
             ref_runs = np.array([[state["m"][f"{k}/ref@{i}/{t}/{pk}"] for k in range(passes)]
                                  for i in range(len(cfgs))])
             ref_meas, ref_pred = float(np.median(ref_runs)), p.latency_ms(ref, ph, tok)
@@ -203,8 +205,7 @@ def _report(targets: dict[str, LatencyPredictor], cfgs: list[SubnetConfig], ref:
             # a change of the machine's speed between passes (or between sub-networks) cancels out
             ratios = runs / ref_runs
             ratio_meas = np.median(ratios, 1)
-            ratio_rep = (np.array([np.abs(ratios[:, a] - ratios[:, b]) / ratio_meas for a, b in pairs]) if pairs
-                         else np.zeros((1, len(cfgs))))
+            ratio_rep = between_passes(ratios, ratio_meas)
             entry["phases"][pk] = {
                 "n": len(cfgs), **agreement(pred, meas),
                 "kendall_tau": float(stats.kendalltau(pred, meas).statistic),
