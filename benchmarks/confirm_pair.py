@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
+import json
 import math
 import shlex
 import sys
@@ -61,7 +63,8 @@ def main(compare_json: Path, ratio: float, methods: list[str], tasks: list[str],
     results = {}
     for m in methods:
         row = row_of(compare, m, ratio)
-        d = work / f"{m}-{ratio:.2f}"
+        digest = hashlib.sha256(json.dumps(row["config"], sort_keys=True).encode()).hexdigest()[:12]
+        d = work / f"{m}-{ratio:.2f}-{digest}"  # another compare.py run may pick another network
         art = build(compare["model"], row["config"], d)
         f = d / f"eval-{limit}.json"
         saved = read_json(f, "evaluation") if f.exists() else None
