@@ -5,7 +5,8 @@ difference is about 1.2 points; a gap smaller than that is undecided. This scrip
 benchmarks/results/compare.json at one latency ratio (their sub-network configs), builds each as compare.py
 deployed it (checkpoint, then `hwnas quantize --method ort-int8`), evaluates both in onnxruntime with lm-eval on
 the same tasks with a larger --limit (the first items of each task's scored split, so a superset of compare.py's),
-and reports the difference item by item. Steps done under --work are reused.
+and reports the difference item by item. Deployment and evaluation are compare.py's own functions; steps done
+under --work are reused.
 
     .venv/bin/python benchmarks/confirm_pair.py --ratio 0.7 --methods hwnas,layer-drop --limit 1500
 """
@@ -13,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
-import json
 import math
 import shlex
 import sys
 from pathlib import Path
 
 import hwnas  # noqa: F401  (keeps caches inside the project)
+from compare import deploy_all, evaluate_all, key  # benchmarks/compare.py, beside this script
 from hwnas.common import HwnasError, atomic_write_json, atomic_write_text, home, read_json
 from hwnas.lmeval import headline, paired_difference
 
@@ -33,47 +33,33 @@ def row_of(compare: dict, method: str, ratio: float) -> dict:
     return rows[0]
 
 
-def build(model: str, config: dict, work: Path) -> Path:
-    """The onnxruntime int8 artifact of `config`, as compare.py deploys it."""
+def checkpoint(model: str, row: dict, work: Path) -> Path:
+    """The standalone checkpoint of `row`'s sub-network (built unless there), named as compare.py names artifacts."""
     from hwnas.export import export_checkpoint
-    from hwnas.pipeline import deploy
 
-    ckpt, art = work / "checkpoint", work / "onnxruntime-int8"
+    ckpt = work / "checkpoints" / key(row)
     if not ckpt.is_dir():
-        work.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(work / "subnet.json", config)
-        export_checkpoint(model=model, subnet=work / "subnet.json", out=ckpt)
-    if not art.is_dir():
-        try:
-            deploy(ckpt, "onnxruntime", "int8", art, progress=True)
-        except HwnasError as e:  # over quantize's KL threshold: kept and compared as it is, as compare.py does
-            if not (art / "quantize.json").is_file():
-                raise
-            print(f"warning: {e}", file=sys.stderr, flush=True)
-    return art
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(ckpt.with_suffix(".json"), row["config"])
+        export_checkpoint(model=model, subnet=ckpt.with_suffix(".json"), out=ckpt)
+    return ckpt
 
 
 def main(compare_json: Path, ratio: float, methods: list[str], tasks: list[str], limit: int, work: Path,
          out_dir: Path) -> dict:
-    from hwnas.lmeval import evaluate_path
-
     if len(methods) != 2:
         raise HwnasError(f"--methods takes two methods to compare, got {methods}")
     compare = read_json(compare_json, "comparison")
+    rows = [row_of(compare, m, ratio) for m in methods]
+    rows = [{**r, "checkpoint": str(checkpoint(compare["model"], r, work))} for r in rows]
+    evals = evaluate_all(deploy_all(rows, work), tasks, limit, work)  # compare.py's deployment and evaluation
     results = {}
-    for m in methods:
-        row = row_of(compare, m, ratio)
-        digest = hashlib.sha256(json.dumps(row["config"], sort_keys=True).encode()).hexdigest()[:12]
-        d = work / f"{m}-{ratio:.2f}-{digest}"  # another compare.py run may pick another network
-        art = build(compare["model"], row["config"], d)
-        f = d / f"eval-{limit}.json"
-        saved = read_json(f, "evaluation") if f.exists() else None
-        if not saved or saved["tasks_requested"] != tasks:
-            saved = {"tasks_requested": tasks, **evaluate_path(art, tasks, limit=limit)}
-            atomic_write_json(f, saved)
-        results[m] = {"config": row["config"], "layers": len(row["config"]["layers"]), "tasks": saved["tasks"],
-                      "accuracy": sum(headline(t)[0] for t in saved["tasks"].values()) / len(saved["tasks"]),
-                      "accuracy_at_compare_limit": row["accuracy"]}
+    for row in rows:
+        saved = evals[key(row)]
+        results[row["method"]] = {
+            "config": row["config"], "layers": len(row["config"]["layers"]), "tasks": saved["tasks"],
+            "accuracy": sum(headline(t)[0] for t in saved["tasks"].values()) / len(saved["tasks"]),
+            "accuracy_at_compare_limit": row["accuracy"]}
     a, b = methods
     diff, se = paired_difference(results[a], results[b])
     at_compare = results[a]["accuracy_at_compare_limit"] - results[b]["accuracy_at_compare_limit"]
