@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import shlex
 import sys
 from pathlib import Path
 
 import hwnas  # noqa: F401  (keeps caches inside the project)
+from compare import key  # benchmarks/compare.py, beside this script: one name per distinct sub-network
 from hwnas.common import HwnasError, atomic_write_json, atomic_write_text, home, read_json
 
 PROXIES = {"kl": -1, "lastword_nll": -1, "choice_nll": -1, "choice_acc": 1, "choice_acc_norm": 1}  # sign: higher better
@@ -73,11 +73,15 @@ class ChoiceScores:
     def __call__(self, cfg) -> dict[str, float]:
         import numpy as np
         import torch
+        import torch.nn.functional as F
 
         from hwnas.evaluate import pad_batch
 
         self.sn.set_active(cfg, quant=self.quant)
-        model = self.sn.model
+        model, head = self.sn.model, self.sn.model.lm_head
+        w, b = head.active_weight()
+        if head.quant is not None:
+            w = head.quant.weight(w)
         ll = np.zeros(len(self.seqs))
         order = sorted(range(len(self.seqs)), key=lambda k: len(self.seqs[k][2]))
         with torch.no_grad():
@@ -92,7 +96,9 @@ class ChoiceScores:
                     pos += range(len(s) - n - 1, len(s) - 1)
                     tgt += s[-n:]
                     owner += [q] * n
-                logp = torch.log_softmax(model.lm_head(h[rows, pos]).float(), -1)  # only the scored positions
+                if head.quant is not None:  # the activation range of each whole sequence, as the full forward takes it
+                    h = head.quant.activation(h)
+                logp = torch.log_softmax(F.linear(h[rows, pos], w, b).float(), -1)  # the head at scored positions only
                 np.add.at(ll, np.array(owner), logp[torch.arange(len(tgt)), torch.tensor(tgt)].numpy())
         scores: dict[int, dict[int, float]] = {}
         for q, (i, j, _, _) in enumerate(self.seqs):
@@ -109,13 +115,10 @@ class ChoiceScores:
 
 def networks(compare: dict) -> list[dict]:
     """compare.json's rows, one per distinct sub-network (the first method that produced it names it)."""
-    seen, out = set(), []
+    first: dict[str, dict] = {}
     for r in compare["rows"]:
-        k = json.dumps(r["config"], sort_keys=True)
-        if k not in seen:
-            seen.add(k)
-            out.append(r)
-    return out
+        first.setdefault(key(r), r)
+    return list(first.values())
 
 
 def main(compare_json: Path, items: int, passages: int, work: Path, out_dir: Path) -> dict:
@@ -144,7 +147,7 @@ def main(compare_json: Path, items: int, passages: int, work: Path, out_dir: Pat
     choice = ChoiceScores(sn, questions(items), quant=quant)
     rows = networks(compare)
     for r in tqdm(rows, desc="proxies", unit="net"):
-        k = json.dumps(r["config"], sort_keys=True)
+        k = key(r)
         if k not in saved["scores"]:
             cfg = SubnetConfig.from_dict(r["config"]) if r["config"] else sn.search_space.max_config()
             saved["scores"][k] = {"lastword_nll": lastword(cfg), **choice(cfg)}
@@ -153,13 +156,13 @@ def main(compare_json: Path, items: int, passages: int, work: Path, out_dir: Pat
     test = np.array([r["accuracy"] for r in rows])
     tau = {p: float(stats.kendalltau(sign * np.array([r["proxies"][p] for r in rows]), test).statistic)
            for p, sign in PROXIES.items()}
-    by_config = {json.dumps(r["config"], sort_keys=True): r["proxies"] for r in rows}
+    by_key = {key(r): r["proxies"] for r in rows}
     pairs = []
     for b in (r for r in compare["rows"] if r["method"] not in ("hwnas", "full")):
         h = next((r for r in compare["rows"] if r["method"] == "hwnas" and r["ratio"] == b["ratio"]), None)
         if h is None or h["config"] == b["config"]:
             continue
-        hp, bp = (by_config[json.dumps(x["config"], sort_keys=True)] for x in (h, b))
+        hp, bp = by_key[key(h)], by_key[key(b)]
         pairs.append({"ratio": b["ratio"], "baseline": b["method"], "test_difference": h["accuracy"] - b["accuracy"],
                       "prefers_hwnas": {p: bool(sign * (hp[p] - bp[p]) > 0) for p, sign in PROXIES.items()}})
     report = {"date": datetime.date.today().isoformat(), "command": "python " + shlex.join(sys.argv),
