@@ -2,7 +2,8 @@
 
 For each latency ratio (of the full model's predicted decode latency on the onnxruntime int8 table):
 the hwnas search's winner within the ratio (`hwnas search`, the `hwnas run` choice: the best of each depth by
-KL, re-scored by held-out LAMBADA last-word NLL, see hwnas.selection) and
+KL, re-scored by the selection metric, by default the answer NLL on held-out multiple-choice questions; see
+hwnas.selection) and
 each baseline of `hwnas baseline` (layer-drop, width-uniform, random with the search's evaluation
 budget), plus hwnas's winner alone at each of --front-ratios (default 0.6 and 0.5), so that its front
 reaches down to the fastest baseline point. Every sub-network and the full model are deployed as
@@ -53,7 +54,7 @@ def this_device_table(model: str) -> Path:
 
 
 def candidates(model: str, table: Path, ratios: list[float], front_ratios: list[float], evaluations: int,
-               population: int, seed: int, work: Path) -> list[dict]:
+               population: int, seed: int, work: Path, select_metric: str = "choice-nll") -> list[dict]:
     """Every method's sub-network at every ratio, and hwnas's alone at each of `front_ratios` (more points of its
     front, so that every baseline point, however fast, has hwnas points to be compared with), as checkpoints under
     `work` (built unless there)."""
@@ -69,7 +70,8 @@ def candidates(model: str, table: Path, ratios: list[float], front_ratios: list[
         search = d / "hwnas" / "search"
         if not (search / "summary.json").exists():
             run_search(model=model, table=str(table), algorithm="nsga2", evaluations=evaluations, population=population,
-                       latency_ratio=r, seed=seed, resume=(search / "state.pkl").exists(), out=str(search))
+                       latency_ratio=r, seed=seed, resume=(search / "state.pkl").exists(), out=str(search),
+                       select_metric=select_metric)
         chosen = _choose(read_json(search / "pareto.json", "search front"), r)
         ckpt = d / "hwnas" / "checkpoint"
         if not ckpt.is_dir():
@@ -182,16 +184,16 @@ def verdicts(rows: list[dict]) -> list[str]:
 
 def main(model: str, table: Path, ratios: list[float], front_ratios: list[float], tasks: list[str], limit: int | None,
          evaluations: int, population: int, seed: int, new_tokens: int, repeats: int, rounds: int, work: Path,
-         out_dir: Path) -> dict:
+         out_dir: Path, select_metric: str = "choice-nll") -> dict:
     work.mkdir(parents=True, exist_ok=True)
     # the table's bytes too: a re-profiled table (same path) must not reuse searches made with the old one
     args = {"model": model, "table": str(Path(table).resolve()),
             "table_sha256": hashlib.sha256(Path(table).read_bytes()).hexdigest()[:16], "evaluations": evaluations,
-            "population": population, "seed": seed}
+            "population": population, "seed": seed, "select_metric": select_metric}
     if (work / "args.json").exists() and read_json(work / "args.json", "comparison arguments") != args:
         sys.exit(f"{work} holds a comparison made with {read_json(work / 'args.json')}, not {args}; choose another --work")
     atomic_write_json(work / "args.json", args)
-    rows = candidates(model, table, ratios, front_ratios, evaluations, population, seed, work)
+    rows = candidates(model, table, ratios, front_ratios, evaluations, population, seed, work, select_metric)
     paths = deploy_all(rows, work)
     evals = evaluate_all(paths, tasks, limit, work)
     bench, report = measure_all(paths, new_tokens, repeats, rounds, work)
@@ -214,7 +216,8 @@ def main(model: str, table: Path, ratios: list[float], front_ratios: list[float]
               "command": "python benchmarks/compare.py " + shlex.join(sys.argv[1:]), "model": model,
               "table": str(table), "deployed_as": "onnxruntime int8 (hwnas quantize --method ort-int8)",
               "tasks": tasks, "limit": limit, "items": {t: v["n"] for t, v in evals[full_key]["tasks"].items()},
-              "search_evaluations": evaluations, "device": report["device"], "settings": report["settings"],
+              "search_evaluations": evaluations, "select_metric": select_metric, "device": report["device"],
+              "settings": report["settings"],
               "lm_eval_version": evals[full_key]["lm_eval_version"], "rows": rows}
     result["verdicts"] = verdicts(rows)
     for row in rows:  # the item-by-item scores stay in the work folder's evaluations
@@ -239,7 +242,8 @@ def markdown(result: dict) -> str:
              f"of {s['repeats']} runs, all models in one run; ratios are to the full int8 model; spread: (max - min) / median "
              "of a model's round medians, how much the machine disturbed its rounds. Target: the ratio of the "
              f"full model's predicted decode latency; search and random get {result['search_evaluations']} real quality "
-             "evaluations each.", "",
+             "evaluations each; hwnas's winner is chosen by "
+             f"{result.get('select_metric', 'lastword-nll')} (hwnas.selection).", "",
              "| target | method | layers | KL | " + " | ".join(tasks) + " | mean | decode ratio (pred.) | decode ms "
              "(spread) | prefill ratio (spread) | size MB |",
              "|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|"]
@@ -299,6 +303,8 @@ if __name__ == "__main__":
     p.add_argument("--evaluations", type=int, default=60, help="real quality evaluations of the search and of random")
     p.add_argument("--population", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--select-metric", default="choice-nll", choices=["choice-nll", "lastword-nll"],
+                   help="how the search chooses its winner (hwnas.selection)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds; the median rejects up to 3 disturbed ones")
@@ -306,4 +312,5 @@ if __name__ == "__main__":
     p.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     a = p.parse_args()
     main(a.model, a.table or this_device_table(a.model), a.ratios, a.front_ratios, a.tasks.split(","), a.limit,
-         a.evaluations, a.population, a.seed, a.new_tokens, a.repeats, a.rounds, a.work or home() / "compare", a.out_dir)
+         a.evaluations, a.population, a.seed, a.new_tokens, a.repeats, a.rounds, a.work or home() / "compare", a.out_dir,
+         a.select_metric)

