@@ -195,12 +195,14 @@ def test_cuda_fp16_torch_profile(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
 def test_recalibrate_measures_the_calibration_again_and_keeps_the_blocks(runtime, tiny_tables, tiny_model, tmp_path):
-    """A table whose calibration was measured on a (simulated) 10x slower day: recalibration measures the same
-    sub-networks again here, now; the blocks are untouched."""
+    """A table whose calibration was measured on a (simulated) 1000x slower day: recalibration measures the same
+    sub-networks again here, now; the blocks are untouched. (At 10x, a CI run beside other jobs once measured the
+    tiny torch sub-networks 20x slower than when the table was made: the margin must outlast a loaded machine.)"""
     from hwnas.predictor import LatencyPredictor
 
     table = json.loads(tiny_tables[runtime].read_text())
-    slow = [dict(c, measured={**c["measured"], "median_ms": 10 * c["measured"]["median_ms"]}) for c in table["calibration"]]
+    slow = [dict(c, measured={**c["measured"], "median_ms": 1000 * c["measured"]["median_ms"]})
+            for c in table["calibration"]]
     path = tmp_path / "t.json"
     path.write_text(json.dumps(dict(table, calibration=slow)))
     before = LatencyPredictor.load(path)
@@ -209,7 +211,7 @@ def test_recalibrate_measures_the_calibration_again_and_keeps_the_blocks(runtime
     assert done["entries"] == table["entries"]
     assert [(c["config"], c["phase"]) for c in done["calibration"]] == [(c["config"], c["phase"]) for c in slow]
     assert done["header"]["recalibrated"]["previous_ms"] == [round(c["measured"]["median_ms"], 4) for c in slow]
-    assert out["points"] == len(slow) and out["median_shift"] < 0.5  # back from the inflated figures
+    assert out["points"] == len(slow) and out["median_shift"] < 0.1  # back from the inflated figures (1.0 if kept)
     assert out["corrections"].keys() == before.corrections.keys()  # refitted on the new points, loadable
 
 
