@@ -34,6 +34,7 @@ import hwnas  # noqa: F401  (keeps caches inside the project)
 from hwnas.common import HwnasError, atomic_write_json, atomic_write_text, home, read_json
 from hwnas.hub import DEFAULT_MODEL, read_llama_config, resolve_model
 from hwnas.lmeval import headline, paired_difference
+from hwnas.selection import METRICS
 
 BASELINES = ("layer-drop", "width-uniform", "random")
 
@@ -303,7 +304,7 @@ if __name__ == "__main__":
     p.add_argument("--evaluations", type=int, default=60, help="real quality evaluations of the search and of random")
     p.add_argument("--population", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--select-metric", default="choice-nll", choices=["choice-nll", "lastword-nll"],
+    p.add_argument("--select-metric", default="choice-nll", choices=list(METRICS),
                    help="how the search chooses its winner (hwnas.selection)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)

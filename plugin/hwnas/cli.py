@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 
 from .common import HwnasError
 from .hub import DEFAULT_MODEL
+from .selection import METRICS
 
 
 def space(*, model: str = DEFAULT_MODEL, mlp_step: int = 64) -> dict[str, Any]:
@@ -343,7 +344,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--select", type=int, default=6,
                    help="under a budget, choose the winner among the best sub-networks of this many depths by "
                         "--select-metric (default 6; 0: the lowest KL)")
-    c.add_argument("--select-metric", default="choice-nll", choices=["choice-nll", "lastword-nll"],
+    c.add_argument("--select-metric", default="choice-nll", choices=list(METRICS),
                    help="choice-nll (default): answer NLL on held-out SciQ/OpenBookQA/Social IQA questions; "
                         "lastword-nll: LAMBADA last-word NLL on calibration passages (cheaper)")
     c.add_argument("--select-items", type=int, default=150,

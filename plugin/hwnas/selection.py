@@ -158,7 +158,6 @@ def select(supernet: Any, rows: Sequence[Any], *, k: int, items: int, quant: Any
 
     from tqdm import tqdm
 
-    check_metric(metric)
     if k < 1:
         raise HwnasError(f"selection needs at least one candidate (k >= 1), got {k}")
     if not rows:

