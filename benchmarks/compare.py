@@ -186,6 +186,9 @@ def verdicts(rows: list[dict]) -> list[str]:
 def main(model: str, table: Path, ratios: list[float], front_ratios: list[float], tasks: list[str], limit: int | None,
          evaluations: int, population: int, seed: int, new_tokens: int, repeats: int, rounds: int, work: Path,
          out_dir: Path, select_metric: str = "choice-nll") -> dict:
+    if select_metric == "task-nll" and (limit is None or limit > 570 - 150):
+        sys.exit(f"--select-metric task-nll chooses on the last 150 validation questions of ARC-Easy (570): the "
+                 f"report must score at most the first 420 of each task, got --limit {limit}")
     work.mkdir(parents=True, exist_ok=True)
     # the table's bytes too: a re-profiled table (same path) must not reuse searches made with the old one
     args = {"model": model, "table": str(Path(table).resolve()),

@@ -6,7 +6,7 @@ import torch
 from hwnas import HwnasError, Supernet
 from hwnas.pipeline import _choose
 from hwnas.search import Evaluated, run_search
-from hwnas.selection import ChoiceNLL, LastWordNLL, heldout_passages, per_depth_best
+from hwnas.selection import ChoiceNLL, LastWordNLL, TaskNLL, heldout_passages, per_depth_best
 from hwnas.space import SubnetConfig
 
 
@@ -59,6 +59,29 @@ def test_choice_nll_matches_one_question_at_a_time_under_int8_emulation(tiny_mod
     assert got["choice_acc"] == pytest.approx(np.mean(acc))
     assert choice(cfg) == got["choice_nll"]
     assert choice(sn.search_space.max_config()) != pytest.approx(got["choice_nll"])
+
+
+def test_task_nll_scores_the_reported_tasks_last_questions_as_their_lm_eval_tasks_prompt_them(tiny_model):
+    from hwnas.data import task_questions
+    from hwnas.lmeval import task_manager
+
+    questions = task_questions(2)
+    assert [q[0] for q in questions] == ["arc_easy"] * 2 + ["piqa"] * 2 + ["hellaswag"] * 2
+    tasks = task_manager().load(["hwnas_arc_easy", "hwnas_piqa", "hwnas_hellaswag"])["tasks"]
+    for k, name in enumerate(["hwnas_arc_easy", "hwnas_piqa", "hwnas_hellaswag"]):
+        docs = list(tasks[name].eval_docs)
+        for (_, prompt, choices, gold), doc in zip(questions[2 * k:2 * k + 2], docs[-2:]):  # the split's last two
+            t = tasks[name]
+            assert (prompt, choices, gold) == (t.doc_to_text(doc), t.doc_to_choice(doc), int(t.doc_to_target(doc)))
+    with pytest.raises(HwnasError, match="ARC-Easy/validation has 570 questions.*got 570"):
+        task_questions(570)
+    sn = Supernet.from_pretrained(tiny_model)
+    cfg = sn.search_space.sample(seed=3)
+    got = TaskNLL(sn, 2).scores(cfg)
+    choice = ChoiceNLL(sn, 2, source="reported").scores(cfg)
+    parts = [choice["arc_easy_nll"], choice["piqa_nll"], choice["hellaswag_nll"], LastWordNLL(sn, 2)(cfg)]
+    assert [got[k] for k in ("arc_easy_nll", "piqa_nll", "hellaswag_nll", "lambada_nll")] == pytest.approx(parts)
+    assert got["task_nll"] == pytest.approx(sum(parts) / 4) and TaskNLL(sn, 2)(cfg) == pytest.approx(got["task_nll"])
 
 
 def test_heldout_passages_are_neither_the_start_nor_the_end_of_the_calibration_split():

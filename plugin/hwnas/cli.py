@@ -346,9 +346,11 @@ def _parser() -> argparse.ArgumentParser:
                         "--select-metric (default 6; 0: the lowest KL)")
     c.add_argument("--select-metric", default="choice-nll", choices=list(METRICS),
                    help="choice-nll (default): answer NLL on held-out SciQ/OpenBookQA/Social IQA questions; "
-                        "lastword-nll: LAMBADA last-word NLL on calibration passages (cheaper)")
+                        "lastword-nll: LAMBADA last-word NLL on calibration passages (cheaper); "
+                        "task-nll: held-out items of ARC-Easy, PIQA, HellaSwag (their last validation "
+                        "questions) and LAMBADA (calibration passages)")
     c.add_argument("--select-items", type=int, default=150,
-                   help="questions per task (choice-nll) or passages (lastword-nll) for --select (default 150)")
+                   help="questions (passages for LAMBADA) per task for --select (default 150)")
     c.add_argument("--out", type=Path, required=True)
     c = cmd("baseline", baseline, "a pruning baseline under the same latency target as the search, as a checkpoint")
     c.add_argument("--method", required=True, choices=["layer-drop", "width-uniform", "random"])

@@ -8,8 +8,9 @@ two passages that occur twice land in one part): ``k = int(sha256(text)[:8], 16)
 - ``validation``  (k == 1): held-out perplexity;
 - ``test``        (k in {2, 3}): accuracy reporting (LAMBADA last-word task).
 
-The validation questions of SciQ, OpenBookQA and Social IQA, tasks that hwnas never reports, choose the
-search's winner (`choice_questions`, `hwnas.selection`).
+The search's winner is chosen (`hwnas.selection`) on the validation questions of SciQ, OpenBookQA and
+Social IQA, tasks that hwnas never reports (`choice_questions`), or on the *last* validation questions of
+the reported multiple-choice tasks (`task_questions`), which a report of their first N items never scores.
 """
 from __future__ import annotations
 
@@ -95,4 +96,28 @@ def choice_questions(n: int) -> list[tuple[str, str, list[str], int]]:
             for r in first("openbookqa/main/validation")]
     out += [("social_iqa", f"Q: {r['context']} {r['question']}\nA:", [r["answerA"], r["answerB"], r["answerC"]],
              int(r["label"]) - 1) for r in first("social_i_qa/none/validation")]
+    return out
+
+
+def task_questions(n: int) -> list[tuple[str, str, list[str], int]]:
+    """(task, prompt, choices, gold) for the *last* `n` validation questions each of ARC-Easy, PIQA and HellaSwag,
+    prompted as hwnas's lm-eval tasks prompt them. A report that scores the first N items of each task (lm-eval's
+    `--limit N`) never sees them while N <= the split's size - n (ARC-Easy: 570 - n); a full-split report does."""
+    from lm_eval.tasks.hellaswag.utils import preprocess
+
+    def last(folder: str) -> list[dict]:
+        ds = olmo_dataset(folder)
+        if n >= len(ds):
+            raise HwnasError(f"{folder} has {len(ds)} questions; held-out selection questions must leave some "
+                             f"for the report: expected n < {len(ds)}, got {n}")
+        return [ds[i] for i in range(len(ds) - n, len(ds))]
+
+    if n < 1:
+        raise HwnasError(f"the number of questions per task must be at least 1, got {n}")
+    out = [("arc_easy", f"Question: {r['question']}\nAnswer:", r["choices"]["text"],
+            r["choices"]["label"].index(r["answerKey"])) for r in last("ai2_arc/ARC-Easy/validation")]
+    out += [("piqa", f"Question: {r['goal']}\nAnswer:", [r["sol1"], r["sol2"]], int(r["label"]))
+            for r in last("piqa/plain_text/validation")]
+    out += [("hellaswag", preprocess(r["activity_label"] + ": " + r["ctx_a"] + " " + r["ctx_b"].capitalize()),
+             [preprocess(e) for e in r["endings"]], int(r["label"])) for r in last("hellaswag/none/validation")]
     return out

@@ -12,6 +12,10 @@ them (int8 emulated where it was), by one of:
   only proxy that sided with the test at latency ratio 0.7 (benchmarks/selection_proxies.py);
 - `lastword-nll`: the NLL of LAMBADA's last word on calibration-split passages (never the test split; the
   middle of the split, which neither the importance order nor the KL tokens read); tau 0.85 there, cheaper.
+- `task-nll`: held-out items of the very tasks compare.py reports, the mean over the four of each one's NLL:
+  the answer NLL on the *last* validation questions of ARC-Easy, PIQA and HellaSwag (a report of the first
+  N items never scores them while N <= 570 - items) and `lastword-nll` for LAMBADA. The selection then aims
+  at the user's tasks, as LLaMA-NAS's search did (it searched on task accuracy), on a dev part kept apart.
 
 The winner is the lowest score. Scores are saved after each candidate, so a rerun resumes.
 """
@@ -24,7 +28,9 @@ from .common import HwnasError, atomic_write_json, read_json
 from .space import SubnetConfig
 
 METRICS = {"choice-nll": "multiple-choice NLL of the right answer, SciQ/OpenBookQA/Social IQA validation (nats)",
-           "lastword-nll": "LAMBADA last-word NLL, calibration split (nats/word)"}
+           "lastword-nll": "LAMBADA last-word NLL, calibration split (nats/word)",
+           "task-nll": "mean over ARC-Easy, PIQA, HellaSwag (answer NLL, last validation questions) and LAMBADA "
+                       "(last-word NLL, calibration split) (nats)"}
 
 
 def heldout_passages(n: int) -> list[tuple[str, str]]:
@@ -103,10 +109,12 @@ class ChoiceNLL:
     """Multiple-choice scores on held-out questions (`choice-nll`): calling gives the mean NLL of the right
     answer among the choices; `scores` adds lm-eval-style acc and acc_norm (by the choice's characters)."""
 
-    def __init__(self, supernet: Any, questions: int = 150, **kw: Any) -> None:
-        from .data import choice_questions
+    def __init__(self, supernet: Any, questions: int = 150, *, source: str = "unreported", **kw: Any) -> None:
+        from .data import choice_questions, task_questions
 
-        self.questions = choice_questions(questions)
+        if source not in ("unreported", "reported"):
+            raise HwnasError(f"question source must be 'unreported' or 'reported', got {source!r}")
+        self.questions = (choice_questions if source == "unreported" else task_questions)(questions)
         self.owner = [(i, j) for i, (_, _, choices, _) in enumerate(self.questions) for j in range(len(choices))]
         self.scorer = Continuations(supernet, [(self.questions[i][1], " " + self.questions[i][2][j])
                                                for i, j in self.owner], **{"batch_size": 32, **kw})
@@ -117,23 +125,43 @@ class ChoiceNLL:
         ll: dict[int, list[float]] = {}
         for (i, _), v in zip(self.owner, self.scorer(cfg)):
             ll.setdefault(i, []).append(v)
-        nll, acc, acc_norm = [], [], []
-        for i, (_, _, choices, gold) in enumerate(self.questions):
+        nll, acc, acc_norm, per_task = [], [], [], {}
+        for i, (task, _, choices, gold) in enumerate(self.questions):
             s = np.array(ll[i])
             nll.append(float(np.logaddexp.reduce(s) - s[gold]))
+            per_task.setdefault(task, []).append(nll[-1])
             acc.append(float(np.argmax(s) == gold))
             acc_norm.append(float(np.argmax(s / np.array([len(c) for c in choices])) == gold))
         return {"choice_nll": float(np.mean(nll)), "choice_acc": float(np.mean(acc)),
-                "choice_acc_norm": float(np.mean(acc_norm))}
+                "choice_acc_norm": float(np.mean(acc_norm)),
+                **{f"{t}_nll": float(np.mean(v)) for t, v in per_task.items()}}
 
     def __call__(self, cfg: SubnetConfig) -> float:
         return self.scores(cfg)["choice_nll"]
 
 
-def scorer(metric: str, supernet: Any, items: int, *, quant: Any = None) -> LastWordNLL | ChoiceNLL:
+class TaskNLL:
+    """`task-nll`: the mean over the reported tasks of each one's held-out NLL, `items` questions (passages for
+    LAMBADA) each."""
+
+    def __init__(self, supernet: Any, items: int = 150, **kw: Any) -> None:
+        self.choice = ChoiceNLL(supernet, items, source="reported", **kw)
+        self.lambada = LastWordNLL(supernet, items, **kw)
+
+    def scores(self, cfg: SubnetConfig) -> dict[str, float]:
+        s = {k: v for k, v in self.choice.scores(cfg).items() if k in ("arc_easy_nll", "piqa_nll", "hellaswag_nll")}
+        s["lambada_nll"] = self.lambada(cfg)
+        return {"task_nll": sum(s.values()) / len(s), **s}
+
+    def __call__(self, cfg: SubnetConfig) -> float:
+        return self.scores(cfg)["task_nll"]
+
+
+def scorer(metric: str, supernet: Any, items: int, *, quant: Any = None) -> LastWordNLL | ChoiceNLL | TaskNLL:
     """The selection score of `metric` over `items` held-out passages (lastword-nll) or questions per task."""
     check_metric(metric)
-    return (LastWordNLL if metric == "lastword-nll" else ChoiceNLL)(supernet, items, quant=quant)
+    return {"lastword-nll": LastWordNLL, "choice-nll": ChoiceNLL, "task-nll": TaskNLL}[metric](supernet, items,
+                                                                                           quant=quant)
 
 
 def check_metric(metric: str) -> None:
