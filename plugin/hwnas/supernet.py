@@ -122,36 +122,55 @@ class ElasticEmbedding(nn.Embedding):
         return out if self.quant is None else self.quant.rows(out)
 
 
+CALIBRATION_SOURCES = {"lambada": "LAMBADA calibration-split book passages",
+                       "mixed": "LAMBADA calibration-split book passages and CoQA passages (stories, exams, "
+                                "Wikipedia, literature, news), half the sequences each"}
+
+
 @dataclass(frozen=True)
 class Calibration:
-    """How importance scores are computed: LAMBADA calibration passages, packed into sequences."""
+    """How importance scores are computed: calibration text (`source`, one of CALIBRATION_SOURCES), packed
+    into sequences."""
 
     num_sequences: int = 16
     seq_len: int = 256
+    source: str = "mixed"
+
+    def __post_init__(self) -> None:
+        if self.source not in CALIBRATION_SOURCES:
+            raise HwnasError(f"calibration source {self.source!r} is not known; expected one of "
+                             f"{list(CALIBRATION_SOURCES)}")
 
     def key(self) -> str:
-        return f"lambada-calibration-{self.num_sequences}x{self.seq_len}"
+        prefix = "lambada" if self.source == "lambada" else "lambada+coqa"
+        return f"{prefix}-calibration-{self.num_sequences}x{self.seq_len}"
 
 
 def calibration_batches(tokenizer: PreTrainedTokenizerBase, spec: Calibration, *, from_end: bool = False) -> torch.Tensor:
-    """Token ids (num_sequences, seq_len) from the calibration split, packed end to end.
+    """Token ids (num_sequences, seq_len) of `spec.source`'s text, each source's passages packed end to end,
+    the sources taking turns by sequence (LAMBADA's calibration split, never its test split; CoQA).
 
-    The importance order reads the split from its start; `from_end` reads it from its end, for a
+    The importance order reads each source from its start; `from_end` reads it from its end, for a
     second use (the search's quality objective) that should not reuse the same passages.
     """
-    from .data import lambada_texts
+    from .data import coqa_stories, lambada_texts
 
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids: list[int] = []
-    need = spec.num_sequences * spec.seq_len
-    texts = lambada_texts("calibration")
-    for text in reversed(texts) if from_end else texts:
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + sep
-        if len(ids) >= need:
-            break
-    if len(ids) < need:
-        raise HwnasError(f"calibration text gives {len(ids)} tokens, {need} needed ({spec})")
-    return torch.tensor(ids[:need]).view(spec.num_sequences, spec.seq_len)
+    streams = [lambada_texts("calibration")] + ([list(coqa_stories())] if spec.source == "mixed" else [])
+    per = -(-spec.num_sequences // len(streams))  # sequences each source gives at most
+    packed = []
+    for texts in streams:
+        ids: list[int] = []
+        need = per * spec.seq_len
+        for text in reversed(texts) if from_end else texts:
+            ids += tokenizer(text, add_special_tokens=False)["input_ids"] + sep
+            if len(ids) >= need:
+                break
+        if len(ids) < need:
+            raise HwnasError(f"calibration text gives {len(ids)} tokens, {need} needed ({spec})")
+        packed.append(torch.tensor(ids[:need]).view(per, spec.seq_len))
+    rows = [packed[k % len(streams)][k // len(streams)] for k in range(spec.num_sequences)]
+    return torch.stack(rows)
 
 
 def _fingerprint(model_dir: Path, spec: Calibration) -> str:
