@@ -35,6 +35,7 @@ from hwnas.common import HwnasError, atomic_write_json, atomic_write_text, home,
 from hwnas.hub import DEFAULT_MODEL, read_llama_config, resolve_model
 from hwnas.lmeval import headline, paired_difference
 from hwnas.selection import METRICS
+from hwnas.supernet import Calibration
 
 BASELINES = ("layer-drop", "width-uniform", "random")
 
@@ -193,7 +194,8 @@ def main(model: str, table: Path, ratios: list[float], front_ratios: list[float]
     # the table's bytes too: a re-profiled table (same path) must not reuse searches made with the old one
     args = {"model": model, "table": str(Path(table).resolve()),
             "table_sha256": hashlib.sha256(Path(table).read_bytes()).hexdigest()[:16], "evaluations": evaluations,
-            "population": population, "seed": seed, "select_metric": select_metric}
+            "population": population, "seed": seed, "select_metric": select_metric,
+            "calibration": Calibration().key()}  # the importance order's text: checkpoints are keyed by config only
     if (work / "args.json").exists() and read_json(work / "args.json", "comparison arguments") != args:
         sys.exit(f"{work} holds a comparison made with {read_json(work / 'args.json')}, not {args}; choose another --work")
     atomic_write_json(work / "args.json", args)
