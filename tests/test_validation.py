@@ -44,7 +44,9 @@ def test_validate_latency_end_to_end(tiny_tables, tiny_model, tmp_path):
                        for sub, full in zip(ph["passes_ms"], ratio["full_passes_ms"])]
             assert ratio["measured"] == pytest.approx(per_net, rel=1e-2)
             errs = [abs(p / ratio["full_predicted_ms"] / m - 1) for p, m in zip(ph["predicted_ms"], per_net)]
-            assert ratio["mape"] == pytest.approx(sum(errs) / len(errs), rel=1e-2, abs=1e-3)
+            # from the report's times, rounded to 1 us: on a fast CPU the tiny model's ms are small enough for
+            # that rounding to move the mean error by 1-2%
+            assert ratio["mape"] == pytest.approx(sum(errs) / len(errs), rel=3e-2, abs=3e-3)
             assert 0 <= ratio["within_10pct_between_passes"] <= 1 and -1 <= ratio["kendall_tau"] <= 1
         assert len(t["size"]["artifact_bytes"]) == 4
     assert r["torch-fp32"]["decode.c128"]["n"] == 4 and 0 <= r["torch-fp32"]["decode.c128"]["ratio_within_10pct"] <= 1
