@@ -12,6 +12,7 @@ import pytest
 
 import hwnas  # noqa: F401  (library caches inside the project)
 from hwnas.common import HwnasError
+from hwnas.hub import load_artifact
 from hwnas.lmeval import (TASKS, TASKS_DIR, evaluate_path, headline, lm_eval_model, paired_difference, resolve_tasks,
                           task_manager)
 
@@ -164,7 +165,6 @@ def test_paired_difference_takes_the_items_difference():
 
 
 def test_progress_false_prints_nothing(tiny_model, capfd):
-    from hwnas.hub import load_artifact
     from hwnas.lmeval import evaluate_model
 
     model, tok, _ = load_artifact(tiny_model)
@@ -191,7 +191,6 @@ def test_onnxruntime_gives_the_same_results_and_loglikelihoods(torch_result, onn
         assert r["tasks"][name]["acc"] == t["acc"] and r["tasks"][name]["n"] == t["n"]
         assert r["tasks"][name]["acc_norm"] == t["acc_norm"] and r["tasks"][name]["scores"] == t["scores"]
     # request by request: HFLM's batched, right-padded calls give the same log-likelihoods on both runtimes
-    from hwnas.hub import load_artifact
 
     requests = []
     for name in ("hwnas_arc_easy", "hwnas_lambada"):
@@ -215,6 +214,9 @@ def test_openvino_model_evaluates(tiny_model, tmp_path, torch_result):
     ov_dir = tmp_path / "ov"
     OVModelForCausalLM.from_pretrained(tiny_model, export=True, compile=False).save_pretrained(ov_dir)
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(ov_dir)
+    # evaluated at f32, as benchmark times it (OpenVINO's CPU default is bf16 on AMX CPUs)
+    model, _, _ = load_artifact(ov_dir)
+    assert model.request.get_compiled_model().get_property("INFERENCE_PRECISION_HINT").to_string() == "f32"
     r = evaluate_path(ov_dir, ["arc_easy"], limit=4, batch_size=4, progress=False)
     assert r["runtime"] == "openvino" and r["tasks"]["arc_easy"]["n"] == 4
     assert r["tasks"]["arc_easy"]["acc"] == torch_result["tasks"]["arc_easy"]["acc"]

@@ -81,14 +81,22 @@ def require_kind(path: Path, *expected: str, command: str) -> str:
     return kind
 
 
+# OpenVINO's CPU plugin runs bf16 by default where the CPU has AMX (or avx512_bf16): hwnas evaluates, checks and
+# times OpenVINO models at f32, so that what changes the numbers is the weight quantization alone
+OV_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
+
+
 def runtime_model(path: Path, kind: str, **kwargs: Any):
-    """Optimum's model class for an `onnx` (ORTModelForCausalLM) or `openvino` (OVModelForCausalLM) folder."""
+    """Optimum's model class for an `onnx` (ORTModelForCausalLM) or `openvino` (OVModelForCausalLM) folder.
+
+    OpenVINO models compile with `OV_CONFIG` (f32 inference precision) unless `ov_config` is given."""
     from . import modeling  # noqa: F401  (an OpenVINO folder keeps an hwnas_llama config)
 
     if kind == "onnx":
         from optimum.onnxruntime import ORTModelForCausalLM as cls
     elif kind == "openvino":
         from optimum.intel import OVModelForCausalLM as cls
+        kwargs.setdefault("ov_config", dict(OV_CONFIG))
     else:
         raise HwnasError(f"{path}: no runtime model class for {kind!r}; expected onnx or openvino")
     return cls.from_pretrained(path, **kwargs)

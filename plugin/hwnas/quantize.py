@@ -689,7 +689,7 @@ def load_quantized(path: str | Path, method: str | None = None) -> Any:
     if family in ("ort", "nncf"):
         return runtime_model(path, "onnx")
     if family == "ov":
-        return runtime_model(path, "openvino", ov_config={"INFERENCE_PRECISION_HINT": "f32"})
+        return runtime_model(path, "openvino")  # f32 inference precision (hub.OV_CONFIG)
     if family == "bnb":
         from transformers import AutoModelForCausalLM
 
