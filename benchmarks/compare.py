@@ -32,9 +32,10 @@ from pathlib import Path
 
 import hwnas  # noqa: F401  (keeps caches inside the project)
 from hwnas.common import HwnasError, atomic_write_json, atomic_write_text, home, read_json
+from hwnas.data import report_limit
 from hwnas.hub import DEFAULT_MODEL, read_llama_config, resolve_model
 from hwnas.lmeval import headline, paired_difference
-from hwnas.selection import METRICS
+from hwnas.selection import ITEMS as SELECT_ITEMS, METRICS
 from hwnas.supernet import Calibration
 
 BASELINES = ("layer-drop", "width-uniform", "random")
@@ -187,9 +188,9 @@ def verdicts(rows: list[dict]) -> list[str]:
 def main(model: str, table: Path, ratios: list[float], front_ratios: list[float], tasks: list[str], limit: int | None,
          evaluations: int, population: int, seed: int, new_tokens: int, repeats: int, rounds: int, work: Path,
          out_dir: Path, select_metric: str = "choice-nll") -> dict:
-    if select_metric == "task-nll" and (limit is None or limit > 570 - 150):
-        sys.exit(f"--select-metric task-nll chooses on the last 150 validation questions of ARC-Easy (570): the "
-                 f"report must score at most the first 420 of each task, got --limit {limit}")
+    if select_metric == "task-nll" and (limit is None or limit > report_limit(SELECT_ITEMS)):
+        sys.exit(f"--select-metric task-nll chooses on the last {SELECT_ITEMS} validation questions of each task: the "
+                 f"report must score at most the first {report_limit(SELECT_ITEMS)} of each, got --limit {limit}")
     work.mkdir(parents=True, exist_ok=True)
     # the table's bytes too: a re-profiled table (same path) must not reuse searches made with the old one
     args = {"model": model, "table": str(Path(table).resolve()),

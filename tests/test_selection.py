@@ -62,7 +62,7 @@ def test_choice_nll_matches_one_question_at_a_time_under_int8_emulation(tiny_mod
 
 
 def test_task_nll_scores_the_reported_tasks_last_questions_as_their_lm_eval_tasks_prompt_them(tiny_model):
-    from hwnas.data import task_questions
+    from hwnas.data import report_limit, task_questions
     from hwnas.lmeval import task_manager
 
     questions = task_questions(2)
@@ -75,6 +75,7 @@ def test_task_nll_scores_the_reported_tasks_last_questions_as_their_lm_eval_task
             assert (prompt, choices, gold) == (t.doc_to_text(doc), t.doc_to_choice(doc), int(t.doc_to_target(doc)))
     with pytest.raises(HwnasError, match="ARC-Easy/validation has 570 questions.*got 570"):
         task_questions(570)
+    assert report_limit(150) == 570 - 150  # ARC-Easy's is the smallest of the three splits
     sn = Supernet.from_pretrained(tiny_model)
     cfg = sn.search_space.sample(seed=3)
     got = TaskNLL(sn, 2).scores(cfg)

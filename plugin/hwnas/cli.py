@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 from .common import HwnasError
 from .hub import DEFAULT_MODEL
-from .selection import METRICS
+from .selection import ITEMS as SELECT_ITEMS, METRICS
 
 
 def space(*, model: str = DEFAULT_MODEL, mlp_step: int = 64) -> dict[str, Any]:
@@ -165,7 +165,7 @@ def search(
     resume: bool = False,
     select: int = 6,
     select_metric: str = "choice-nll",
-    select_items: int = 150,
+    select_items: int = SELECT_ITEMS,
     out: Path,
 ) -> dict[str, Any]:
     """Multi-objective search: KL to the full model against predicted latency and size."""
@@ -349,7 +349,7 @@ def _parser() -> argparse.ArgumentParser:
                         "lastword-nll: LAMBADA last-word NLL on calibration passages (cheaper); "
                         "task-nll: held-out items of ARC-Easy, PIQA, HellaSwag (their last validation "
                         "questions) and LAMBADA (calibration passages)")
-    c.add_argument("--select-items", type=int, default=150,
+    c.add_argument("--select-items", type=int, default=SELECT_ITEMS,
                    help="questions (passages for LAMBADA) per task for --select (default 150)")
     c.add_argument("--out", type=Path, required=True)
     c = cmd("baseline", baseline, "a pruning baseline under the same latency target as the search, as a checkpoint")

@@ -99,6 +99,16 @@ def choice_questions(n: int) -> list[tuple[str, str, list[str], int]]:
     return out
 
 
+# the validation splits `task_questions` takes its held-out selection questions from
+SELECTION_SPLITS = {"arc_easy": "ai2_arc/ARC-Easy/validation", "piqa": "piqa/plain_text/validation",
+                    "hellaswag": "hellaswag/none/validation"}
+
+
+def report_limit(n: int) -> int:
+    """The largest per-task `--limit` of a report that never scores `task_questions(n)`'s questions."""
+    return min(len(olmo_dataset(folder)) for folder in SELECTION_SPLITS.values()) - n
+
+
 def task_questions(n: int) -> list[tuple[str, str, list[str], int]]:
     """(task, prompt, choices, gold) for the *last* `n` validation questions each of ARC-Easy, PIQA and HellaSwag,
     prompted as hwnas's lm-eval tasks prompt them. A report that scores the first N items of each task (lm-eval's
@@ -115,11 +125,11 @@ def task_questions(n: int) -> list[tuple[str, str, list[str], int]]:
     if n < 1:
         raise HwnasError(f"the number of questions per task must be at least 1, got {n}")
     out = [("arc_easy", f"Question: {r['question']}\nAnswer:", r["choices"]["text"],
-            r["choices"]["label"].index(r["answerKey"])) for r in last("ai2_arc/ARC-Easy/validation")]
+            r["choices"]["label"].index(r["answerKey"])) for r in last(SELECTION_SPLITS["arc_easy"])]
     out += [("piqa", f"Question: {r['goal']}\nAnswer:", [r["sol1"], r["sol2"]], int(r["label"]))
-            for r in last("piqa/plain_text/validation")]
+            for r in last(SELECTION_SPLITS["piqa"])]
     out += [("hellaswag", preprocess(r["activity_label"] + ": " + r["ctx_a"] + " " + r["ctx_b"].capitalize()),
-             [preprocess(e) for e in r["endings"]], int(r["label"])) for r in last("hellaswag/none/validation")]
+             [preprocess(e) for e in r["endings"]], int(r["label"])) for r in last(SELECTION_SPLITS["hellaswag"])]
     return out
 
 

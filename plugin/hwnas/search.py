@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .common import HwnasError
+from .selection import ITEMS as SELECT_ITEMS
 from .space import SearchSpace, SubnetConfig
 
 log = logging.getLogger(__name__)
@@ -509,7 +510,7 @@ def run_search(*, model: str = "smollm2-135m", table: str, algorithm: str = "nsg
                size_budget: float | None = None, phase: str = "decode", seed: int = 0, workers: int = 1,
                ray_address: str | None = None, resume: bool = False, out: str, sequences: int = 8,
                seq_len: int = 128, select: int = 6, select_metric: str = "choice-nll",
-               select_items: int = 150, progress: bool = True) -> dict[str, Any]:
+               select_items: int = SELECT_ITEMS, progress: bool = True) -> dict[str, Any]:
     """Search sub-networks of `model` trading KL to the full model against `table`'s predicted latency and size.
 
     Under a budget, the winner is then chosen by `hwnas.selection` among the `select` best depths, by

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 from .common import HwnasError, atomic_write_json, read_json
 from .space import SubnetConfig
 
+ITEMS = 150  # held-out questions (passages for LAMBADA) per task that the selection scores by default
 METRICS = {"choice-nll": "multiple-choice NLL of the right answer, SciQ/OpenBookQA/Social IQA validation (nats)",
            "lastword-nll": "LAMBADA last-word NLL, calibration split (nats/word)",
            "task-nll": "mean over ARC-Easy, PIQA, HellaSwag (answer NLL, last validation questions) and LAMBADA "
@@ -109,7 +110,7 @@ class ChoiceNLL:
     """Multiple-choice scores on held-out questions (`choice-nll`): calling gives the mean NLL of the right
     answer among the choices; `scores` adds lm-eval-style acc and acc_norm (by the choice's characters)."""
 
-    def __init__(self, supernet: Any, questions: int = 150, *, source: str = "unreported", **kw: Any) -> None:
+    def __init__(self, supernet: Any, questions: int = ITEMS, *, source: str = "unreported", **kw: Any) -> None:
         from .data import choice_questions, task_questions
 
         if source not in ("unreported", "reported"):
@@ -144,7 +145,7 @@ class TaskNLL:
     """`task-nll`: the mean over the reported tasks of each one's held-out NLL, `items` questions (passages for
     LAMBADA) each."""
 
-    def __init__(self, supernet: Any, items: int = 150, **kw: Any) -> None:
+    def __init__(self, supernet: Any, items: int = ITEMS, **kw: Any) -> None:
         self.choice = ChoiceNLL(supernet, items, source="reported", **kw)
         self.lambada = LastWordNLL(supernet, items, **kw)
 
