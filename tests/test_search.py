@@ -8,6 +8,7 @@ import pytest
 from hwnas import HwnasError, Supernet
 from hwnas.search import GeneEncoder, KLQuality, calibration_ids, hypervolume, pareto_mask, run_search
 from hwnas.space import SearchSpace
+from hwnas.supernet import Calibration
 
 
 def _space(path, **kw):
@@ -94,6 +95,7 @@ def test_search_writes_its_outputs_within_budget(algorithm, tiny_model, tiny_tab
     pareto = json.loads((tmp_path / "pareto.json").read_text())
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert pareto["front"] and all(p["latency_ratio"] <= 0.9 + 1e-9 for p in pareto["front"])
+    assert pareto["calibration"] == Calibration().key()  # the channel order its configs index; export rebuilds it
     pts = np.array([[float(r["kl"]), float(r["latency_ms"]), float(r["size_bytes"])] for r in rows if r["feasible"] == "1"])
     for p in pareto["front"]:  # nothing evaluated and feasible dominates a member of the front
         f = np.array([p["kl"], p["latency_ms"], p["size_bytes"]])

@@ -186,6 +186,42 @@ def test_from_pretrained_caches_the_importance_order(tiny_model, hwnas_home):
     assert a.layer_importance == b.layer_importance and a.layer_importance is not None
 
 
+def test_export_orders_channels_by_the_calibration_its_search_recorded(tiny_model, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from hwnas.export import export_checkpoint
+    from hwnas.supernet import BOOKS_CALIBRATION, Calibration
+
+    assert Calibration.from_key(Calibration().key()) == Calibration()
+    assert Calibration.from_key(BOOKS_CALIBRATION.key()) == BOOKS_CALIBRATION
+    books, mixed = Supernet.from_pretrained(tiny_model, calibration=BOOKS_CALIBRATION), Supernet.from_pretrained(tiny_model)
+    assert mixed.calibration == Calibration() and books.calibration == BOOKS_CALIBRATION
+    cfg = books.search_space.sample(2)
+    front = {"front": [{"kl": 1.0, "config": cfg.to_dict()}]}
+    want = {n: {k: v.clone() for k, v in sn.extract(cfg).state_dict().items()} for n, sn in
+            (("books", books), ("mixed", mixed))}
+    assert any(not torch.equal(want["books"][k], want["mixed"][k]) for k in want["books"])  # the orders differ
+    for name, pareto in (("books", front),  # a search from before 2026-12-05 names none: books only
+                         ("books", {**front, "calibration": BOOKS_CALIBRATION.key()}),
+                         ("mixed", {**front, "calibration": Calibration().key()})):
+        path = tmp_path / "pareto.json"
+        path.write_text(json.dumps(pareto))
+        report = export_checkpoint(model=str(tiny_model), subnet=path, out=tmp_path / "ckpt", overwrite=True)
+        got = load_file(tmp_path / "ckpt" / "model.safetensors")
+        assert report["channel_order"] == (BOOKS_CALIBRATION if name == "books" else Calibration()).key()
+        assert all(torch.equal(got[k], want[name][k]) for k in got), name
+    path.write_text(json.dumps(front))
+    with pytest.raises(HwnasError, match="indexes channels ordered by lambada-calibration-16x256, the supernet given "
+                                         "by lambada\\+coqa-calibration"):
+        export_checkpoint(model=str(tiny_model), subnet=path, out=tmp_path / "x", supernet=mixed)
+    assert not (tmp_path / "x").exists()
+    path.write_text(json.dumps({**front, "calibration": "wikitext-16x256"}))
+    with pytest.raises(HwnasError, match="calibration 'wikitext-16x256' is not known"):
+        export_checkpoint(model=str(tiny_model), subnet=path, out=tmp_path / "x")
+
+
 def test_half_precision_supernet_extracts_in_its_own_dtype(tiny_model):
     sn = Supernet.from_pretrained(tiny_model, dtype="bfloat16")
     cfg = sn.search_space.sample(2)

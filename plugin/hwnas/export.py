@@ -24,13 +24,23 @@ def export_checkpoint(
 ) -> dict[str, Any]:
     """Write sub-network `subnet` (a config JSON, or member `pick` of a pareto.json) of `model` to `out`, with its tokenizer.
 
+    A config's channel indices follow an importance order: a pareto.json's is the calibration its search
+    recorded (books only for searches before 2026-12-05, which record none); a plain config's is `supernet`'s,
+    or the default calibration's.
     The folder appears in one rename when complete. Returns a report of parameters and size
     against the full model, also saved as `out/hwnas_export.json`.
     """
-    from .supernet import Supernet
+    from .supernet import BOOKS_CALIBRATION, Calibration, Supernet
 
     cfg = SubnetConfig.from_json(subnet, pick)
-    sn = supernet or Supernet.from_pretrained(model)
+    data = read_json(subnet, "sub-network config")
+    calibration = None
+    if isinstance(data, dict) and "front" in data:
+        calibration = Calibration.from_key(data["calibration"]) if "calibration" in data else BOOKS_CALIBRATION
+    if supernet is not None and calibration is not None and supernet.calibration != calibration:
+        raise HwnasError(f"{subnet} indexes channels ordered by {calibration.key()}, the supernet given by "
+                         f"{supernet.calibration.key() if supernet.calibration else 'its checkpoint'}")
+    sn = supernet or Supernet.from_pretrained(model, calibration=calibration or Calibration())
     sn.search_space.validate(cfg)
     sub = sn.extract(cfg)
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -46,6 +56,7 @@ def export_checkpoint(
             "out": str(Path(out).resolve()),
             "model_type": sub.config.model_type,
             "uniform": cfg.is_uniform,
+            "channel_order": sn.calibration.key() if sn.calibration else "checkpoint",
             "layers": cfg.depth,
             "full_layers": cfg.num_layers,
             "parameters": params,

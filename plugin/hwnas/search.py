@@ -683,8 +683,9 @@ def write_outputs(out: Any, ev: Evaluator, *, full_latency: float, full_size: fl
     best = min(pareto, key=lambda m: m["kl"], default=None)
     if selected is not None:
         best = {k: v for k, v in selected.items() if k != "key"}
+    # the configs index channels in the importance order of this calibration: export rebuilds it
     atomic_write_json(out / "pareto.json", {"objectives": ["kl", "latency_ms", "size_bytes"], "phase": args["phase"],
-                                            "table": args["table"], "front": pareto,
+                                            "table": args["table"], "calibration": args["calibration"], "front": pareto,
                                             **({"selected": best} if selected is not None else {})})
     summary = {"args": args, "evaluations": ev.used, "feasible": len(cands), "front_size": len(front),
                "hypervolume": hv, "hypervolume_reference": HV_REFERENCE, "normalised_by":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -145,6 +146,19 @@ class Calibration:
         prefix = "lambada" if self.source == "lambada" else "lambada+coqa"
         return f"{prefix}-calibration-{self.num_sequences}x{self.seq_len}"
 
+    @classmethod
+    def from_key(cls, key: str) -> "Calibration":
+        """The calibration whose `key()` is `key` (as a search's pareto.json records it)."""
+        m = re.fullmatch(r"(lambada|lambada\+coqa)-calibration-(\d+)x(\d+)", str(key))
+        if m is None:
+            raise HwnasError(f"calibration {key!r} is not known; expected lambada-calibration-NxL or "
+                             "lambada+coqa-calibration-NxL")
+        return cls(int(m[2]), int(m[3]), "lambada" if m[1] == "lambada" else "mixed")
+
+
+# the importance order of every search before 2026-12-05, whose pareto.json does not name its calibration
+BOOKS_CALIBRATION = Calibration(source="lambada")
+
 
 def calibration_batches(tokenizer: PreTrainedTokenizerBase, spec: Calibration, *, from_end: bool = False) -> torch.Tensor:
     """Token ids (num_sequences, seq_len) of `spec.source`'s text, each source's passages packed end to end,
@@ -207,6 +221,7 @@ class Supernet(nn.Module):
                     setattr(parent, n, ElasticLinear(getattr(parent, n)))
         model.lm_head = ElasticLinear(model.lm_head)  # the same (possibly tied) weight; quantized under `quant`
         model.model.embed_tokens = ElasticEmbedding(model.model.embed_tokens)
+        self.calibration: Calibration | None = None  # what ordered the channels (None: the checkpoint's order)
         self.layer_importance: list[float] | None = None  # Block Influence per layer, once calibrated
         self._cut: list[tuple[np.ndarray, np.ndarray]] | None = None  # per layer, see importance_lost
         self._active: SubnetConfig | None = None
@@ -235,6 +250,7 @@ class Supernet(nn.Module):
         path = resolve_model(name_or_path)
         model, tokenizer = load_model(path, dtype=dtype, device=device)
         sn = cls(model, tokenizer, name=str(name_or_path), mlp_step=mlp_step)
+        sn.calibration = calibration
         if calibration is not None:
             cache = home() / "importance" / f"{_fingerprint(path, calibration)}.json"
             if cache.is_file():
