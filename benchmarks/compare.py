@@ -32,11 +32,11 @@ from pathlib import Path
 
 import hwnas  # noqa: F401  (keeps caches inside the project)
 from hwnas.common import HwnasError, atomic_write_json, atomic_write_text, home, read_json
-from hwnas.data import report_limit
+from hwnas.data import CALIBRATION_SOURCES, report_limit
 from hwnas.hub import DEFAULT_MODEL, read_llama_config, resolve_model
 from hwnas.lmeval import headline, paired_difference
 from hwnas.selection import ITEMS as SELECT_ITEMS, METRICS
-from hwnas.supernet import Calibration
+from hwnas.supernet import BOOKS_CALIBRATION, Calibration
 
 BASELINES = ("layer-drop", "width-uniform", "random")
 
@@ -56,8 +56,14 @@ def this_device_table(model: str) -> Path:
     return table
 
 
+def calibration_of(compare: dict) -> Calibration:
+    """The importance order a compare.json's configs index channels in (books only before 2026-12-05)."""
+    return Calibration.from_key(compare.get("calibration", BOOKS_CALIBRATION.key()))
+
+
 def candidates(model: str, table: Path, ratios: list[float], front_ratios: list[float], evaluations: int,
-               population: int, seed: int, work: Path, select_metric: str = "choice-nll") -> list[dict]:
+               population: int, seed: int, work: Path, select_metric: str = "choice-nll",
+               calibration_source: str = "mixed") -> list[dict]:
     """Every method's sub-network at every ratio, and hwnas's alone at each of `front_ratios` (more points of its
     front, so that every baseline point, however fast, has hwnas points to be compared with), as checkpoints under
     `work` (built unless there)."""
@@ -74,7 +80,7 @@ def candidates(model: str, table: Path, ratios: list[float], front_ratios: list[
         if not (search / "summary.json").exists():
             run_search(model=model, table=str(table), algorithm="nsga2", evaluations=evaluations, population=population,
                        latency_ratio=r, seed=seed, resume=(search / "state.pkl").exists(), out=str(search),
-                       select_metric=select_metric)
+                       select_metric=select_metric, calibration_source=calibration_source)
         chosen = _choose(read_json(search / "pareto.json", "search front"), r)
         ckpt = d / "hwnas" / "checkpoint"
         if not ckpt.is_dir():
@@ -85,7 +91,7 @@ def candidates(model: str, table: Path, ratios: list[float], front_ratios: list[
             path = d / m / "baseline.json"
             b = read_json(path, "baseline") if path.exists() else run_baseline(
                 method=m, model=model, table=table, latency_ratio=r, evaluations=evaluations, population=population,
-                seed=seed, out=d / m)
+                seed=seed, out=d / m, calibration_source=calibration_source)
             rows.append({"method": m, "ratio": r, "kl": b["kl"], "predicted_ratio": b["latency_ratio"],
                          "checkpoint": b["checkpoint"], "config": b["config"]})
     return rows
@@ -187,7 +193,7 @@ def verdicts(rows: list[dict]) -> list[str]:
 
 def main(model: str, table: Path, ratios: list[float], front_ratios: list[float], tasks: list[str], limit: int | None,
          evaluations: int, population: int, seed: int, new_tokens: int, repeats: int, rounds: int, work: Path,
-         out_dir: Path, select_metric: str = "choice-nll") -> dict:
+         out_dir: Path, select_metric: str = "choice-nll", calibration_source: str = "mixed") -> dict:
     if select_metric == "task-nll" and (limit is None or limit > report_limit(SELECT_ITEMS)):
         sys.exit(f"--select-metric task-nll chooses on the last {SELECT_ITEMS} validation questions of each task: the "
                  f"report must score at most the first {report_limit(SELECT_ITEMS)} of each, got --limit {limit}")
@@ -196,11 +202,12 @@ def main(model: str, table: Path, ratios: list[float], front_ratios: list[float]
     args = {"model": model, "table": str(Path(table).resolve()),
             "table_sha256": hashlib.sha256(Path(table).read_bytes()).hexdigest()[:16], "evaluations": evaluations,
             "population": population, "seed": seed, "select_metric": select_metric,
-            "calibration": Calibration().key()}  # the importance order's text: checkpoints are keyed by config only
+            "calibration": Calibration(source=calibration_source).key()}  # checkpoints are keyed by config only
     if (work / "args.json").exists() and read_json(work / "args.json", "comparison arguments") != args:
         sys.exit(f"{work} holds a comparison made with {read_json(work / 'args.json')}, not {args}; choose another --work")
     atomic_write_json(work / "args.json", args)
-    rows = candidates(model, table, ratios, front_ratios, evaluations, population, seed, work, select_metric)
+    rows = candidates(model, table, ratios, front_ratios, evaluations, population, seed, work, select_metric,
+                      calibration_source)
     paths = deploy_all(rows, work)
     evals = evaluate_all(paths, tasks, limit, work)
     bench, report = measure_all(paths, new_tokens, repeats, rounds, work)
@@ -223,7 +230,8 @@ def main(model: str, table: Path, ratios: list[float], front_ratios: list[float]
               "command": "python benchmarks/compare.py " + shlex.join(sys.argv[1:]), "model": model,
               "table": str(table), "deployed_as": "onnxruntime int8 (hwnas quantize --method ort-int8)",
               "tasks": tasks, "limit": limit, "items": {t: v["n"] for t, v in evals[full_key]["tasks"].items()},
-              "search_evaluations": evaluations, "select_metric": select_metric, "device": report["device"],
+              "search_evaluations": evaluations, "select_metric": select_metric, "calibration": args["calibration"],
+              "device": report["device"],
               "settings": report["settings"],
               "lm_eval_version": evals[full_key]["lm_eval_version"], "rows": rows}
     result["verdicts"] = verdicts(rows)
@@ -250,7 +258,8 @@ def markdown(result: dict) -> str:
              "of a model's round medians, how much the machine disturbed its rounds. Target: the ratio of the "
              f"full model's predicted decode latency; search and random get {result['search_evaluations']} real quality "
              "evaluations each; hwnas's winner is chosen by "
-             f"{result.get('select_metric', 'lastword-nll')} (hwnas.selection).", "",
+             f"{result.get('select_metric', 'lastword-nll')} (hwnas.selection); importance order and KL on "
+             f"{calibration_of(result).key()}.", "",
              "| target | method | layers | KL | " + " | ".join(tasks) + " | mean | decode ratio (pred.) | decode ms "
              "(spread) | prefill ratio (spread) | size MB |",
              "|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|"]
@@ -312,6 +321,8 @@ if __name__ == "__main__":
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--select-metric", default="choice-nll", choices=list(METRICS),
                    help="how the search chooses its winner (hwnas.selection)")
+    p.add_argument("--calibration-source", default="mixed", choices=list(CALIBRATION_SOURCES),
+                   help="text of the importance order (search, layer-drop, width-uniform) and of the KL")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds; the median rejects up to 3 disturbed ones")
@@ -320,4 +331,4 @@ if __name__ == "__main__":
     a = p.parse_args()
     main(a.model, a.table or this_device_table(a.model), a.ratios, a.front_ratios, a.tasks.split(","), a.limit,
          a.evaluations, a.population, a.seed, a.new_tokens, a.repeats, a.rounds, a.work or home() / "compare", a.out_dir,
-         a.select_metric)
+         a.select_metric, a.calibration_source)

@@ -20,9 +20,10 @@ import sys
 from pathlib import Path
 
 import hwnas  # noqa: F401  (keeps caches inside the project)
-from compare import deploy_all, evaluate_all, key  # benchmarks/compare.py, beside this script
+from compare import calibration_of, deploy_all, evaluate_all, key  # benchmarks/compare.py, beside this script
 from hwnas.common import HwnasError, atomic_write_json, atomic_write_text, home, read_json
 from hwnas.lmeval import headline, paired_difference
+from hwnas.supernet import Calibration
 
 
 def row_of(compare: dict, method: str, ratio: float) -> dict:
@@ -33,15 +34,18 @@ def row_of(compare: dict, method: str, ratio: float) -> dict:
     return rows[0]
 
 
-def checkpoint(model: str, row: dict, work: Path) -> Path:
-    """The standalone checkpoint of `row`'s sub-network (built unless there), named as compare.py names artifacts."""
+def checkpoint(model: str, row: dict, work: Path, calibration: Calibration) -> Path:
+    """The standalone checkpoint of `row`'s sub-network (built unless there), named as compare.py names artifacts,
+    its channels in `calibration`'s importance order."""
     from hwnas.export import export_checkpoint
+    from hwnas.supernet import Supernet
 
     ckpt = work / "checkpoints" / key(row)
     if not ckpt.is_dir():
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(ckpt.with_suffix(".json"), row["config"])
-        export_checkpoint(model=model, subnet=ckpt.with_suffix(".json"), out=ckpt)
+        export_checkpoint(model=model, subnet=ckpt.with_suffix(".json"), out=ckpt,
+                          supernet=Supernet.from_pretrained(model, calibration=calibration))
     return ckpt
 
 
@@ -51,7 +55,9 @@ def main(compare_json: Path, ratio: float, methods: list[str], tasks: list[str],
         raise HwnasError(f"--methods takes two methods to compare, got {methods}")
     compare = read_json(compare_json, "comparison")
     rows = [row_of(compare, m, ratio) for m in methods]
-    rows = [{**r, "checkpoint": str(checkpoint(compare["model"], r, work))} for r in rows]
+    calibration = calibration_of(compare)
+    work = work / calibration.key()  # artifacts are named by config: one folder per channel order
+    rows = [{**r, "checkpoint": str(checkpoint(compare["model"], r, work, calibration))} for r in rows]
     evals = evaluate_all(deploy_all(rows, work), tasks, limit, work)  # compare.py's deployment and evaluation
     results = {}
     for row in rows:

@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 import hwnas  # noqa: F401  (keeps caches inside the project)
-from compare import key  # benchmarks/compare.py, beside this script: one name per distinct sub-network
+from compare import calibration_of, key  # benchmarks/compare.py, beside this script: one name per distinct sub-network
 from hwnas.common import HwnasError, atomic_write_json, atomic_write_text, home, read_json
 
 PROXIES = {"kl": -1, "lastword_nll": -1, "choice_nll": -1, "choice_acc": 1, "choice_acc_norm": 1, "task_nll": -1}  # sign: higher better
@@ -67,7 +67,7 @@ def main(compare_json: Path, items: int, work: Path, out_dir: Path) -> dict:
     saved = read_json(saved_path, "saved proxy scores") if saved_path.is_file() else {}
     if saved.get("settings") != settings:
         saved = {"settings": settings, "scores": {}}
-    sn = Supernet.from_pretrained(compare["model"])
+    sn = Supernet.from_pretrained(compare["model"], calibration=calibration_of(compare))
     choice, task = ChoiceNLL(sn, items, quant=quant), TaskNLL(sn, items, quant=quant)
     rows = networks(compare)
     for r in tqdm(rows, desc="proxies", unit="net"):

@@ -95,3 +95,14 @@ def test_baseline_cli(tiny_model, tiny_tables, budget, tmp_path, capsys):
                  str(tiny_tables["onnxruntime"]), "--latency-budget", str(budget), "--out", str(tmp_path)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["method"] == "layer-drop" and out["latency_ms"] <= budget
+    # on the books alone, Block Influence is measured on other text: the layers dropped follow that order
+    from hwnas.supernet import BOOKS_CALIBRATION, Supernet
+
+    assert main(["baseline", "--method", "layer-drop", "--model", str(tiny_model), "--table",
+                 str(tiny_tables["onnxruntime"]), "--latency-budget", str(budget), "--calibration-source", "lambada",
+                 "--out", str(tmp_path / "books")]) == 0
+    books = json.loads((tmp_path / "books" / "baseline.json").read_text())
+    assert books["calibration"] == BOOKS_CALIBRATION.key()
+    influence = Supernet.from_pretrained(tiny_model, calibration=BOOKS_CALIBRATION).layer_importance
+    dropped = sorted(set(range(len(influence))) - set(books["config"]["layers"]))
+    assert dropped == sorted(np.argsort(influence)[:len(dropped)].tolist())

@@ -130,6 +130,9 @@ def test_search_is_deterministic_and_resumes_to_the_same_front(tiny_model, tiny_
         _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "c", seed=3)
     with pytest.raises(HwnasError, match="seed was 3, now 4"):
         _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "c", seed=4, resume=True)
+    with pytest.raises(HwnasError, match="calibration was 'lambada\\+coqa-calibration-16x256', now "
+                                         "'lambada-calibration-16x256'"):  # another channel order
+        _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "c", seed=3, resume=True, calibration_source="lambada")
     _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "c", seed=3, resume=True)
     a = json.loads((tmp_path / "a" / "pareto.json").read_text())["front"]
     c = json.loads((tmp_path / "c" / "pareto.json").read_text())["front"]
@@ -150,7 +153,7 @@ def test_search_rejects_bad_input(tiny_model, tiny_models, tiny_tables, tmp_path
 def test_search_cli(run_cli, tiny_model, tiny_tables, tmp_path):
     out = json.loads(run_cli("search", "--model", str(tiny_model), "--table", str(tiny_tables["torch"]),
                              "--algorithm", "random", "--evaluations", "6", "--population", "3",
-                             "--out", str(tmp_path / "s")).stdout)
+                             "--calibration-source", "lambada", "--out", str(tmp_path / "s")).stdout)
     assert out["evaluations"] == 6 and out["front_size"] >= 1
     # the front feeds `hwnas export` directly: by default its lowest-KL member
     front = json.loads((tmp_path / "s" / "pareto.json").read_text())["front"]
@@ -158,13 +161,16 @@ def test_search_cli(run_cli, tiny_model, tiny_tables, tmp_path):
                              "--out", str(tmp_path / "best")).stdout)
     best = min(front, key=lambda p: p["kl"])
     assert json.loads((tmp_path / "best" / "hwnas_subnet.json").read_text()) == best["config"]
-    assert rep["layers"] == best["layers"]
+    assert rep["layers"] == best["layers"] and rep["channel_order"] == "lambada-calibration-16x256"
     proc = run_cli("export", "--model", str(tiny_model), "--subnet", str(tmp_path / "s" / "pareto.json"),
                    "--pick", str(len(front)), "--out", str(tmp_path / "x"), check=False)
     assert proc.returncode == 2 and f"the front has {len(front)} members" in proc.stderr
     proc = run_cli("search", "--model", str(tiny_model), "--table", str(tiny_tables["torch"]), "--latency-ratio", "1.5",
                    "--out", str(tmp_path / "t"), check=False)
     assert proc.returncode == 2 and "--latency-ratio must be in (0, 1]" in proc.stderr
+    proc = run_cli("search", "--model", str(tiny_model), "--table", str(tiny_tables["torch"]), "--calibration-source",
+                   "wikitext", "--out", str(tmp_path / "t"), check=False)
+    assert proc.returncode == 2 and "invalid choice: 'wikitext'" in proc.stderr
 
 
 def test_ray_workers_match_serial_quality(tiny_model):

@@ -67,8 +67,11 @@ def _uniform(num_layers: int, layers: list[int], mlp: int, heads: int, kv: int) 
 def run_baseline(*, method: str, model: str, table: str | Path, latency_ratio: float | None = None,
                  latency_budget: float | None = None, phase: str = "decode", evaluations: int = 60,
                  population: int = 12, seed: int = 0, out: str | Path, overwrite: bool = False,
-                 progress: bool = True) -> dict[str, Any]:
-    """Build baseline `method`'s sub-network of `model` under the latency target and export it to `out/checkpoint`."""
+                 calibration_source: str = "mixed", progress: bool = True) -> dict[str, Any]:
+    """Build baseline `method`'s sub-network of `model` under the latency target and export it to `out/checkpoint`.
+
+    `calibration_source` is the text of the importance order (layer-drop's Block Influence, width-uniform's
+    channels) and of the KL, as in the search."""
     from .export import export_checkpoint
     from .search import run_search, setup
 
@@ -81,7 +84,8 @@ def run_baseline(*, method: str, model: str, table: str | Path, latency_ratio: f
     out = Path(out)
     if (out / "baseline.json").exists() and not overwrite:
         raise HwnasError(f"{out} already holds a baseline; pass --overwrite or choose another --out")
-    sp = setup(model=model, table=str(table), phase=phase, latency_budget=latency_budget, latency_ratio=latency_ratio)
+    sp = setup(model=model, table=str(table), phase=phase, latency_budget=latency_budget, latency_ratio=latency_ratio,
+               calibration_source=calibration_source)
     obj, full = sp.objectives, sp.supernet.search_space.max_config()
     evaluated: list[dict[str, Any]] = []  # width-uniform's candidates, for the record
     if method == "layer-drop":
@@ -95,7 +99,7 @@ def run_baseline(*, method: str, model: str, table: str | Path, latency_ratio: f
         run_search(model=model, table=str(table), algorithm="random", evaluations=evaluations, population=population,
                    latency_budget=obj.latency_budget, phase=phase, seed=seed,
                    resume=(out / "search" / "state.pkl").exists(), out=str(out / "search"), progress=progress,
-                   select=0)  # the lowest KL of the sample, as documented: no held-out re-scoring
+                   calibration_source=calibration_source, select=0)  # the lowest KL of the sample, as documented: no held-out re-scoring
         front = read_json(out / "search" / "pareto.json", "search front")["front"]  # feasible members only
         if not front:
             raise HwnasError(f"no random sub-network out of {evaluations} met {obj.latency_budget:.3f} ms")
@@ -106,7 +110,8 @@ def run_baseline(*, method: str, model: str, table: str | Path, latency_ratio: f
     result = {"method": method, "model": str(model), "table": str(Path(table).resolve()), "phase": phase,
               "latency_budget_ms": obj.latency_budget, "latency_ratio": obj.latency(cfg) / obj.latency(full),
               "latency_ms": obj.latency(cfg), "full_latency_ms": obj.latency(full), "size_bytes": obj.size(cfg),
-              "kl": kl, "layers": cfg.depth, "config": cfg.to_dict(), "candidates": evaluated,
+              "kl": kl, "layers": cfg.depth, "config": cfg.to_dict(), "calibration": sp.supernet.calibration.key(),
+              "candidates": evaluated,
               "checkpoint": str((out / "checkpoint").resolve())}
     atomic_write_json(out / "baseline.json", result)
     return result

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .common import HwnasError
+from .data import CALIBRATION_SOURCES
 from .hub import DEFAULT_MODEL
 from .selection import ITEMS as SELECT_ITEMS, METRICS
 
@@ -166,6 +167,7 @@ def search(
     select: int = 6,
     select_metric: str = "choice-nll",
     select_items: int = SELECT_ITEMS,
+    calibration_source: str = "mixed",
     out: Path,
 ) -> dict[str, Any]:
     """Multi-objective search: KL to the full model against predicted latency and size."""
@@ -175,28 +177,30 @@ def search(
                       population=population, latency_budget=latency_budget, latency_ratio=latency_ratio,
                       size_budget=size_budget, phase=phase, seed=seed, workers=workers, ray_address=ray_address,
                       resume=resume, select=select, select_metric=select_metric, select_items=select_items,
-                      out=str(out))
+                      calibration_source=calibration_source, out=str(out))
 
 
 def baseline(*, method: str, model: str = DEFAULT_MODEL, table: Path, latency_ratio: float | None = None,
              latency_budget: float | None = None, phase: str = "decode", evaluations: int = 60, population: int = 12,
-             seed: int = 0, out: Path, overwrite: bool = False) -> dict[str, Any]:
+             seed: int = 0, calibration_source: str = "mixed", out: Path, overwrite: bool = False) -> dict[str, Any]:
     """A pruning baseline's sub-network (layer-drop, width-uniform or random) under the same latency target."""
     from .baselines import run_baseline
 
     r = run_baseline(method=method, model=model, table=table, latency_ratio=latency_ratio, latency_budget=latency_budget,
-                     phase=phase, evaluations=evaluations, population=population, seed=seed, out=out, overwrite=overwrite)
+                     phase=phase, evaluations=evaluations, population=population, seed=seed, out=out, overwrite=overwrite,
+                     calibration_source=calibration_source)
     return {k: r[k] for k in ("method", "layers", "kl", "latency_ms", "latency_ratio", "size_bytes", "checkpoint")}
 
 
 def run(*, model: str = DEFAULT_MODEL, runtime: str = "onnxruntime", precision: str | None = None, latency_ratio: float = 0.75,
         budget: str = "quick", phase: str = "decode", table: Path | None = None, seed: int = 0, threads: int | None = None,
-        resume: bool = False, out: Path) -> dict[str, Any]:
+        resume: bool = False, calibration_source: str = "mixed", out: Path) -> dict[str, Any]:
     """The main job: search, export, quantize, benchmark and evaluate the best sub-network under a latency budget."""
     from .pipeline import run as run_pipeline
 
     return run_pipeline(model=model, runtime=runtime, precision=precision, latency_ratio=latency_ratio, budget=budget,
-                        phase=phase, table=table, seed=seed, threads=threads, resume=resume, out=out)
+                        phase=phase, table=table, seed=seed, threads=threads, resume=resume, out=out,
+                        calibration_source=calibration_source)
 
 
 def benchmark(
@@ -249,6 +253,11 @@ def _parser() -> argparse.ArgumentParser:
 
     def model_arg(c: argparse.ArgumentParser) -> None:
         c.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or local folder (default {DEFAULT_MODEL})")
+
+    def calibration_source_arg(c: argparse.ArgumentParser) -> None:
+        c.add_argument("--calibration-source", default="mixed", choices=list(CALIBRATION_SOURCES),
+                       help="text that orders the channels by importance and that the KL is measured on: "
+                            + "; ".join(f"{k}: {v}" for k, v in CALIBRATION_SOURCES.items()) + " (default mixed)")
 
     c = cmd("space", space, "print the search space as JSON and its size")
     model_arg(c)
@@ -351,6 +360,7 @@ def _parser() -> argparse.ArgumentParser:
                         "questions) and LAMBADA (calibration passages)")
     c.add_argument("--select-items", type=int, default=SELECT_ITEMS,
                    help="questions (passages for LAMBADA) per task for --select (default 150)")
+    calibration_source_arg(c)
     c.add_argument("--out", type=Path, required=True)
     c = cmd("baseline", baseline, "a pruning baseline under the same latency target as the search, as a checkpoint")
     c.add_argument("--method", required=True, choices=["layer-drop", "width-uniform", "random"])
@@ -363,6 +373,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--evaluations", type=int, default=60, help="random: real quality evaluations (the search's budget)")
     c.add_argument("--population", type=int, default=12, help="random: candidates drawn per round")
     c.add_argument("--seed", type=int, default=0)
+    calibration_source_arg(c)
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--overwrite", action="store_true", help="replace a baseline already in --out")
     c = cmd("run", run, "the main job: search, export, quantize, benchmark and evaluate; writes OUT/report.md")
@@ -378,6 +389,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
     c.add_argument("--resume", action="store_true", help="continue a run in --out, reusing its finished steps")
+    calibration_source_arg(c)
     c.add_argument("--out", type=Path, required=True)
     c = cmd("benchmark", benchmark, "measure deployed models end to end (prefill, TTFT, decode, memory, size)")
     c.add_argument("--model", default=None, help=f"model name, folder or .onnx/.xml file (default {DEFAULT_MODEL})")

@@ -24,6 +24,11 @@ from typing import Any, Literal
 
 from .common import HwnasError
 
+# the texts an importance order (and the search's KL) can be computed on (supernet.Calibration's source)
+CALIBRATION_SOURCES = {"lambada": "LAMBADA calibration-split book passages",
+                       "mixed": "LAMBADA calibration-split book passages and CoQA passages (stories, exams, "
+                                "Wikipedia, literature, news), half the sequences each"}
+
 Split = Literal["calibration", "validation", "test"]
 SPLITS: dict[str, tuple[int, ...]] = {"calibration": (0,), "validation": (1,), "test": (2, 3)}
 

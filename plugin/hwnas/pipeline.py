@@ -117,10 +117,11 @@ def evaluate_quality(path: Path, budget: Budget, *, progress: bool) -> dict[str,
 def run(*, model: str = DEFAULT_MODEL, runtime: str = "onnxruntime", precision: str | None = None,
         latency_ratio: float = 0.75, budget: str = "quick", phase: str = "decode", table: str | Path | None = None,
         seed: int = 0, threads: int | None = None, resume: bool = False, out: str | Path,
-        progress: bool = True) -> dict[str, Any]:
+        calibration_source: str = "mixed", progress: bool = True) -> dict[str, Any]:
     """Search, deploy, benchmark and evaluate the best sub-network of `model` under `latency_ratio` of the full model.
 
-    `precision` defaults to the runtime's best target here (DEFAULT_PRECISION)."""
+    `precision` defaults to the runtime's best target here (DEFAULT_PRECISION). `calibration_source` goes to the
+    search, which records it (a resumed search refuses another) as its pareto.json does for the export."""
     from . import runner
     from .hub import read_llama_config, resolve_model
     from .latency import model_label, model_signature
@@ -176,7 +177,7 @@ def run(*, model: str = DEFAULT_MODEL, runtime: str = "onnxruntime", precision: 
 
         run_search(model=model, table=str(table), evaluations=b.evaluations, population=b.population,
                    latency_ratio=latency_ratio, phase=phase, seed=seed, resume=(search_dir / "state.pkl").exists(),
-                   out=str(search_dir), progress=progress)
+                   out=str(search_dir), calibration_source=calibration_source, progress=progress)
 
     step("search", search_dir / "summary.json", search)
     chosen = _choose(read_json(search_dir / "pareto.json", "search front"), latency_ratio)

@@ -439,27 +439,28 @@ def linas_step(ev: Evaluator, state: LinasState, pop_size: int, inner_generation
 HV_REFERENCE = "(KL = ln(vocab), latency = full model's, size = full model's), on (KL, latency, size)"
 
 
-def calibration_ids(tokenizer: Any, num_sequences: int, seq_len: int) -> Any:
-    """Search-quality tokens: the importance order's calibration text (LAMBADA's calibration split and CoQA)
-    taken from each source's end, so they are not the passages the importance order was computed on (taken
-    from the start); never LAMBADA's test split."""
+def calibration_ids(tokenizer: Any, num_sequences: int, seq_len: int, source: str = "mixed") -> Any:
+    """Search-quality tokens: the importance order's calibration text (`source`: LAMBADA's calibration split and
+    CoQA, or the books alone) taken from each source's end, so they are not the passages the importance order
+    was computed on (taken from the start); never LAMBADA's test split."""
     from .supernet import Calibration, calibration_batches
 
-    return calibration_batches(tokenizer, Calibration(num_sequences, seq_len), from_end=True)
+    return calibration_batches(tokenizer, Calibration(num_sequences, seq_len, source), from_end=True)
 
 
 _CONTEXT: dict[tuple, tuple[Any, KLQuality]] = {}
 
 
-def quality_context(model: str, sequences: int, seq_len: int) -> tuple[Any, KLQuality]:
-    """The supernet and its quality objective, built once per process (searches in a row share them)."""
-    from .supernet import Supernet
+def quality_context(model: str, sequences: int, seq_len: int, source: str = "mixed") -> tuple[Any, KLQuality]:
+    """The supernet, its channels ordered on `source`'s calibration text, and its quality objective, built once
+    per process (searches in a row share them)."""
+    from .supernet import Calibration, Supernet
 
-    key = (str(model), sequences, seq_len)
+    key = (str(model), sequences, seq_len, source)
     if key not in _CONTEXT:
         _CONTEXT.clear()  # one supernet in memory at a time
-        sn = Supernet.from_pretrained(model)
-        _CONTEXT[key] = (sn, KLQuality(sn, calibration_ids(sn.tokenizer, sequences, seq_len)))
+        sn = Supernet.from_pretrained(model, calibration=Calibration(source=source))
+        _CONTEXT[key] = (sn, KLQuality(sn, calibration_ids(sn.tokenizer, sequences, seq_len, source)))
     return _CONTEXT[key]
 
 
@@ -476,12 +477,13 @@ class Setup:
 
 def setup(*, model: str, table: str, phase: str = "decode", latency_budget: float | None = None,
           latency_ratio: float | None = None, size_budget: float | None = None, sequences: int = 8,
-          seq_len: int = 128) -> Setup:
+          seq_len: int = 128, calibration_source: str = "mixed") -> Setup:
     """The supernet, gene encoder and objectives of `model` against `table`, budgets checked.
 
     Against an onnxruntime int8 table the quality is measured under int8 emulation, with each layer's
     down_proj precision a gene (the table measures both). Weight-only int8 (int8-wo, OpenVINO int8) costs
-    KL ~0.01, so against those tables the fp32 quality stands for the deployed one.
+    KL ~0.01, so against those tables the fp32 quality stands for the deployed one. `calibration_source`
+    (data.CALIBRATION_SOURCES) is the text that orders the channels and that the KL is measured on.
     """
     from .hub import read_llama_config, resolve_model
     from .latency import model_signature
@@ -490,7 +492,7 @@ def setup(*, model: str, table: str, phase: str = "decode", latency_budget: floa
     config = read_llama_config(resolve_model(model))
     predictor = LatencyPredictor.load(table)
     predictor.table.check_model(model_signature(config))
-    sn, quality = quality_context(model, sequences, seq_len)
+    sn, quality = quality_context(model, sequences, seq_len, calibration_source)
     mixed = "down_proj" in predictor.table.mixed_precision
     if mixed:
         from .supernet import OrtInt8
@@ -510,7 +512,8 @@ def run_search(*, model: str = "smollm2-135m", table: str, algorithm: str = "nsg
                size_budget: float | None = None, phase: str = "decode", seed: int = 0, workers: int = 1,
                ray_address: str | None = None, resume: bool = False, out: str, sequences: int = 8,
                seq_len: int = 128, select: int = 6, select_metric: str = "choice-nll",
-               select_items: int = SELECT_ITEMS, progress: bool = True) -> dict[str, Any]:
+               select_items: int = SELECT_ITEMS, calibration_source: str = "mixed",
+               progress: bool = True) -> dict[str, Any]:
     """Search sub-networks of `model` trading KL to the full model against `table`'s predicted latency and size.
 
     Under a budget, the winner is then chosen by `hwnas.selection` among the `select` best depths, by
@@ -541,7 +544,7 @@ def run_search(*, model: str = "smollm2-135m", table: str, algorithm: str = "nsg
     args = {"model": model, "table": str(Path(table).resolve()), "algorithm": algorithm, "evaluations": evaluations,
             "population": population, "latency_budget": latency_budget, "latency_ratio": latency_ratio,
             "size_budget": size_budget, "phase": phase, "seed": seed, "sequences": sequences, "seq_len": seq_len,
-            "calibration": Calibration().key()}
+            "calibration": Calibration(source=calibration_source).key()}  # refuses an unknown source
     state_path = out / "state.pkl"
     if state_path.exists() and not resume:
         raise HwnasError(f"{out} holds a search; pass --resume to continue it or choose another --out")
@@ -554,7 +557,7 @@ def run_search(*, model: str = "smollm2-135m", table: str, algorithm: str = "nsg
             raise HwnasError("cannot resume: " + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items()))
 
     sp = setup(model=model, table=table, phase=phase, latency_budget=latency_budget, latency_ratio=latency_ratio,
-               size_budget=size_budget, sequences=sequences, seq_len=seq_len)
+               size_budget=size_budget, sequences=sequences, seq_len=seq_len, calibration_source=calibration_source)
     sn, config, predictor, encoder, obj = sp.supernet, sp.config, sp.predictor, sp.encoder, sp.objectives
     lat, size, full = obj.latency, obj.size, sn.search_space.max_config()
     ev = Evaluator(encoder, obj, evaluations, _ray_map(sn, obj.quality, workers, ray_address))

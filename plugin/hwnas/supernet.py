@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from .common import HwnasError, atomic_write_json, home, read_json
+from .data import CALIBRATION_SOURCES
 from .modeling import model_class, subnet_model_config
 from .space import SearchSpace, SubnetConfig
 
@@ -123,9 +124,6 @@ class ElasticEmbedding(nn.Embedding):
         return out if self.quant is None else self.quant.rows(out)
 
 
-CALIBRATION_SOURCES = {"lambada": "LAMBADA calibration-split book passages",
-                       "mixed": "LAMBADA calibration-split book passages and CoQA passages (stories, exams, "
-                                "Wikipedia, literature, news), half the sequences each"}
 
 
 @dataclass(frozen=True)
