@@ -62,12 +62,14 @@ def main(compare_json: Path, items: int, work: Path, out_dir: Path) -> dict:
         table = Path("latency_tables") / table.name
     header = LatencyTable.load(table).header
     quant = OrtInt8.from_settings(header["quantization"]) if "down_proj" in header.get("mixed_precision", []) else None
-    settings = {"items": items, "table": table.name, "emulated_int8": quant is not None}
+    calibration = calibration_of(compare)  # the order its configs index channels in; scores are keyed by config
+    settings = {"items": items, "table": table.name, "emulated_int8": quant is not None,
+                "calibration": calibration.key()}
     saved_path = work / "scores.json"
     saved = read_json(saved_path, "saved proxy scores") if saved_path.is_file() else {}
     if saved.get("settings") != settings:
         saved = {"settings": settings, "scores": {}}
-    sn = Supernet.from_pretrained(compare["model"], calibration=calibration_of(compare))
+    sn = Supernet.from_pretrained(compare["model"], calibration=calibration)
     choice, task = ChoiceNLL(sn, items, quant=quant), TaskNLL(sn, items, quant=quant)
     rows = networks(compare)
     for r in tqdm(rows, desc="proxies", unit="net"):

@@ -96,10 +96,11 @@ def run_baseline(*, method: str, model: str, table: str | Path, latency_ratio: f
         evaluated = [{"config": c.to_dict(), "kl": q, "latency_ms": obj.latency(c)} for q, c in scored]
         kl, cfg = min(scored, key=lambda t: t[0])
     else:
+        # select=0: the lowest KL of the sample, as documented: no held-out re-scoring
         run_search(model=model, table=str(table), algorithm="random", evaluations=evaluations, population=population,
                    latency_budget=obj.latency_budget, phase=phase, seed=seed,
                    resume=(out / "search" / "state.pkl").exists(), out=str(out / "search"), progress=progress,
-                   calibration_source=calibration_source, select=0)  # the lowest KL of the sample, as documented: no held-out re-scoring
+                   calibration_source=calibration_source, select=0)
         front = read_json(out / "search" / "pareto.json", "search front")["front"]  # feasible members only
         if not front:
             raise HwnasError(f"no random sub-network out of {evaluations} met {obj.latency_budget:.3f} ms")
