@@ -191,7 +191,6 @@ def test_onnxruntime_gives_the_same_results_and_loglikelihoods(torch_result, onn
         assert r["tasks"][name]["acc"] == t["acc"] and r["tasks"][name]["n"] == t["n"]
         assert r["tasks"][name]["acc_norm"] == t["acc_norm"] and r["tasks"][name]["scores"] == t["scores"]
     # request by request: HFLM's batched, right-padded calls give the same log-likelihoods on both runtimes
-
     requests = []
     for name in ("hwnas_arc_easy", "hwnas_lambada"):
         task = _one(manager, name)
