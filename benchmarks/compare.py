@@ -36,7 +36,7 @@ from hwnas.data import CALIBRATION_SOURCES, report_limit
 from hwnas.hub import DEFAULT_MODEL, read_llama_config, resolve_model
 from hwnas.lmeval import headline, paired_difference
 from hwnas.selection import ITEMS as SELECT_ITEMS, METRICS
-from hwnas.supernet import BOOKS_CALIBRATION, Calibration
+from hwnas.supernet import Calibration, recorded_calibration
 
 BASELINES = ("layer-drop", "width-uniform", "random")
 
@@ -54,11 +54,6 @@ def this_device_table(model: str) -> Path:
         raise SystemExit(f"no shipped onnxruntime int8 table of {model} for {device}; run "
                          f"`hwnas profile --model {model} --runtime onnxruntime --precision int8` or pass --table")
     return table
-
-
-def calibration_of(compare: dict) -> Calibration:
-    """The importance order a compare.json's configs index channels in (books only before 2026-12-05)."""
-    return Calibration.from_key(compare.get("calibration", BOOKS_CALIBRATION.key()))
 
 
 def candidates(model: str, table: Path, ratios: list[float], front_ratios: list[float], evaluations: int,
@@ -259,7 +254,7 @@ def markdown(result: dict) -> str:
              f"full model's predicted decode latency; search and random get {result['search_evaluations']} real quality "
              "evaluations each; hwnas's winner is chosen by "
              f"{result.get('select_metric', 'lastword-nll')} (hwnas.selection); importance order and KL on "
-             f"{calibration_of(result).key()}.", "",
+             f"{recorded_calibration(result).key()}.", "",
              "| target | method | layers | KL | " + " | ".join(tasks) + " | mean | decode ratio (pred.) | decode ms "
              "(spread) | prefill ratio (spread) | size MB |",
              "|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|"]

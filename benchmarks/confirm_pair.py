@@ -20,10 +20,10 @@ import sys
 from pathlib import Path
 
 import hwnas  # noqa: F401  (keeps caches inside the project)
-from compare import calibration_of, deploy_all, evaluate_all, key  # benchmarks/compare.py, beside this script
+from compare import deploy_all, evaluate_all, key  # benchmarks/compare.py, beside this script
 from hwnas.common import HwnasError, atomic_write_json, atomic_write_text, home, read_json
 from hwnas.lmeval import headline, paired_difference
-from hwnas.supernet import Calibration
+from hwnas.supernet import Calibration, recorded_calibration
 
 
 def row_of(compare: dict, method: str, ratio: float) -> dict:
@@ -55,7 +55,7 @@ def main(compare_json: Path, ratio: float, methods: list[str], tasks: list[str],
         raise HwnasError(f"--methods takes two methods to compare, got {methods}")
     compare = read_json(compare_json, "comparison")
     rows = [row_of(compare, m, ratio) for m in methods]
-    calibration = calibration_of(compare)
+    calibration = recorded_calibration(compare)
     work = work / calibration.key()  # artifacts are named by config: one folder per channel order
     rows = [{**r, "checkpoint": str(checkpoint(compare["model"], r, work, calibration))} for r in rows]
     evals = evaluate_all(deploy_all(rows, work), tasks, limit, work)  # compare.py's deployment and evaluation

@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 import hwnas  # noqa: F401  (keeps caches inside the project)
-from compare import calibration_of, key  # benchmarks/compare.py, beside this script: one name per distinct sub-network
+from compare import key  # benchmarks/compare.py, beside this script: one name per distinct sub-network
 from hwnas.common import HwnasError, atomic_write_json, atomic_write_text, home, read_json
 
 PROXIES = {"kl": -1, "lastword_nll": -1, "choice_nll": -1, "choice_acc": 1, "choice_acc_norm": 1, "task_nll": -1}  # sign: higher better
@@ -54,7 +54,7 @@ def main(compare_json: Path, items: int, work: Path, out_dir: Path) -> dict:
     from hwnas.predictor import LatencyTable
     from hwnas.selection import ChoiceNLL, TaskNLL
     from hwnas.space import SubnetConfig
-    from hwnas.supernet import OrtInt8, Supernet
+    from hwnas.supernet import OrtInt8, Supernet, recorded_calibration
 
     compare = read_json(compare_json, "comparison")
     table = Path(compare["table"])
@@ -62,7 +62,7 @@ def main(compare_json: Path, items: int, work: Path, out_dir: Path) -> dict:
         table = Path("latency_tables") / table.name
     header = LatencyTable.load(table).header
     quant = OrtInt8.from_settings(header["quantization"]) if "down_proj" in header.get("mixed_precision", []) else None
-    calibration = calibration_of(compare)  # the order its configs index channels in; scores are keyed by config
+    calibration = recorded_calibration(compare)  # the order its configs index channels in; scores are keyed by config
     settings = {"items": items, "table": table.name, "emulated_int8": quant is not None,
                 "calibration": calibration.key()}
     saved_path = work / "scores.json"

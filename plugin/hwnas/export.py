@@ -30,13 +30,13 @@ def export_checkpoint(
     The folder appears in one rename when complete. Returns a report of parameters and size
     against the full model, also saved as `out/hwnas_export.json`.
     """
-    from .supernet import BOOKS_CALIBRATION, Calibration, Supernet
+    from .supernet import Calibration, Supernet, recorded_calibration
 
     cfg = SubnetConfig.from_json(subnet, pick)
     data = read_json(subnet, "sub-network config")
     calibration = None
     if isinstance(data, dict) and "front" in data:
-        calibration = Calibration.from_key(data["calibration"]) if "calibration" in data else BOOKS_CALIBRATION
+        calibration = recorded_calibration(data)
     if supernet is not None and calibration is not None and supernet.calibration != calibration:
         raise HwnasError(f"{subnet} indexes channels ordered by {calibration.key()}, the supernet given by "
                          f"{supernet.calibration.key() if supernet.calibration else 'its checkpoint'}")

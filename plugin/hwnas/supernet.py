@@ -124,8 +124,6 @@ class ElasticEmbedding(nn.Embedding):
         return out if self.quant is None else self.quant.rows(out)
 
 
-
-
 @dataclass(frozen=True)
 class Calibration:
     """How importance scores are computed: calibration text (`source`, one of CALIBRATION_SOURCES), packed
@@ -156,6 +154,12 @@ class Calibration:
 
 # the importance order of every search before 2026-12-05, whose pareto.json does not name its calibration
 BOOKS_CALIBRATION = Calibration(source="lambada")
+
+
+def recorded_calibration(record: dict) -> Calibration:
+    """The calibration a search's pareto.json or a compare.json names (their configs index channels in its
+    order); books only for those written before 2026-12-05, which name none."""
+    return Calibration.from_key(record["calibration"]) if "calibration" in record else BOOKS_CALIBRATION
 
 
 def calibration_batches(tokenizer: PreTrainedTokenizerBase, spec: Calibration, *, from_end: bool = False) -> torch.Tensor:
