@@ -12,26 +12,12 @@ from hwnas.search import setup
 from hwnas.space import SubnetConfig
 
 
-@pytest.fixture(scope="module")
-def budget(tiny_model, tiny_tables):
-    """A decode budget both pruning styles reach on the tiny model: halfway between the narrowest
-    full-depth uniform model and the full model (the tiny model's tables are measured per session)."""
-    from hwnas.predictor import LatencyPredictor
-
-    p = LatencyPredictor.load(tiny_tables["onnxruntime"])
-    sp = setup(model=str(tiny_model), table=str(tiny_tables["onnxruntime"]))
-    full, (heads, kv) = sp.supernet.search_space.max_config(), sp.encoder.head_options[0]
-    n = full.depth
-    narrow = SubnetConfig(n, full.layers, (min(sp.supernet.search_space.mlp_choices),) * n, (heads,) * n, (kv,) * n)
-    return (p.latency_ms(narrow, "decode") + p.latency_ms(full, "decode")) / 2
-
-
 def _setup(tiny_model, table, budget):
     return setup(model=str(tiny_model), table=str(table), latency_budget=budget)
 
 
-def test_layer_drop_removes_the_least_influential_layers_until_it_fits(tiny_model, tiny_tables, budget):
-    sp = _setup(tiny_model, tiny_tables["onnxruntime"], budget)
+def test_layer_drop_removes_the_least_influential_layers_until_it_fits(tiny_model, width_table, pruning_budget):
+    sp = _setup(tiny_model, width_table, pruning_budget)
     cfg, obj, full = layer_drop(sp), sp.objectives, sp.supernet.search_space.max_config()
     dropped = sorted(set(full.layers) - set(cfg.layers))
     order = list(np.argsort(sp.supernet.layer_importance))
@@ -44,8 +30,8 @@ def test_layer_drop_removes_the_least_influential_layers_until_it_fits(tiny_mode
     assert obj.latency(one_less) > obj.latency_budget  # it drops no more layers than it must
 
 
-def test_width_uniform_keeps_every_layer_at_one_width_that_just_fits(tiny_model, tiny_tables, budget):
-    sp = _setup(tiny_model, tiny_tables["onnxruntime"], budget)
+def test_width_uniform_keeps_every_layer_at_one_width_that_just_fits(tiny_model, width_table, pruning_budget):
+    sp = _setup(tiny_model, width_table, pruning_budget)
     space, obj = sp.supernet.search_space, sp.objectives
     cands = width_candidates(sp)
     assert cands
@@ -59,12 +45,13 @@ def test_width_uniform_keeps_every_layer_at_one_width_that_just_fits(tiny_model,
 
 
 @pytest.mark.parametrize("method", ["layer-drop", "width-uniform", "random"])
-def test_baseline_writes_a_loadable_checkpoint_under_the_target(method, tiny_model, tiny_tables, budget, tmp_path):
-    r = run_baseline(method=method, model=str(tiny_model), table=tiny_tables["onnxruntime"], latency_budget=budget,
+def test_baseline_writes_a_loadable_checkpoint_under_the_target(method, tiny_model, width_table, pruning_budget,
+                                                                 tmp_path):
+    r = run_baseline(method=method, model=str(tiny_model), table=width_table, latency_budget=pruning_budget,
                      evaluations=6, population=3, out=tmp_path, progress=False)
     saved = json.loads((tmp_path / "baseline.json").read_text())
     assert saved["method"] == method and saved["latency_ms"] <= saved["latency_budget_ms"] + 1e-9
-    assert saved["latency_budget_ms"] == budget and saved["latency_ratio"] < 1 and saved["kl"] >= 0
+    assert saved["latency_budget_ms"] == pruning_budget and saved["latency_ratio"] < 1 and saved["kl"] >= 0
     model, _ = load_model(r["checkpoint"], allow_subnet=True)
     assert model.config.num_hidden_layers == len(saved["config"]["layers"])
     if method == "width-uniform":
@@ -75,7 +62,7 @@ def test_baseline_writes_a_loadable_checkpoint_under_the_target(method, tiny_mod
         feasible = [float(x["kl"]) for x in rows if x["feasible"] == "1"]
         assert saved["kl"] == pytest.approx(min(feasible))
     with pytest.raises(HwnasError, match="already holds a baseline"):
-        run_baseline(method=method, model=str(tiny_model), table=tiny_tables["onnxruntime"], latency_budget=budget,
+        run_baseline(method=method, model=str(tiny_model), table=width_table, latency_budget=pruning_budget,
                      out=tmp_path, progress=False)
 
 
@@ -90,16 +77,16 @@ def test_baseline_bad_input_is_named(tiny_model, tiny_tables, tmp_path):
     assert not (tmp_path / "baseline.json").exists()
 
 
-def test_baseline_cli(tiny_model, tiny_tables, budget, tmp_path, capsys):
+def test_baseline_cli(tiny_model, width_table, pruning_budget, tmp_path, capsys):
     assert main(["baseline", "--method", "layer-drop", "--model", str(tiny_model), "--table",
-                 str(tiny_tables["onnxruntime"]), "--latency-budget", str(budget), "--out", str(tmp_path)]) == 0
+                 str(width_table), "--latency-budget", str(pruning_budget), "--out", str(tmp_path)]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["method"] == "layer-drop" and out["latency_ms"] <= budget
+    assert out["method"] == "layer-drop" and out["latency_ms"] <= pruning_budget
     # on the books alone, Block Influence is measured on other text: the layers dropped follow that order
     from hwnas.supernet import BOOKS_CALIBRATION, Supernet
 
     assert main(["baseline", "--method", "layer-drop", "--model", str(tiny_model), "--table",
-                 str(tiny_tables["onnxruntime"]), "--latency-budget", str(budget), "--calibration-source", "lambada",
+                 str(width_table), "--latency-budget", str(pruning_budget), "--calibration-source", "lambada",
                  "--out", str(tmp_path / "books")]) == 0
     books = json.loads((tmp_path / "books" / "baseline.json").read_text())
     assert books["calibration"] == BOOKS_CALIBRATION.key()

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from hwnas import HwnasError, Supernet
+from hwnas.baselines import layer_drop, width_uniform
 from hwnas.pipeline import _choose
-from hwnas.baselines import layer_drop
-from hwnas.search import Evaluated, Evaluator, run_search, setup, structured_rows
+from hwnas.search import Evaluated, Evaluator, baseline_rows, run_search, setup
 from hwnas.selection import ChoiceNLL, LastWordNLL, TaskNLL, candidates, heldout_passages, per_depth_best
 from hwnas.space import SubnetConfig
 
@@ -120,35 +120,33 @@ def test_structured_networks_are_candidates_even_where_their_depth_has_a_lower_k
     rows = [Evaluated(narrowed, 0.9, 1.0, 1.0, 0), Evaluated(full, 0.5, 1.0, 1.0, 0)]
     # the narrowed network hides the plain one of the same depth; the structured one is scored all the same
     assert [(r.config, why) for r, why in candidates(rows, 2, [structured])] == [
-        (full, "lowest KL of its depth"), (narrowed, "lowest KL of its depth"), (dropped, "structured pruning")]
+        (full, "lowest KL of its depth"), (narrowed, "lowest KL of its depth"), (dropped, "baseline's network")]
     # never twice: a structured network that is its depth's lowest KL is a candidate once, for that
     assert [why for _, why in candidates(rows + [structured], 2, [structured])] == ["lowest KL of its depth"] * 2 + [
-        "structured pruning"]
+        "baseline's network"]
     assert [why for _, why in candidates([rows[1], structured], 2, [structured])] == ["lowest KL of its depth"] * 2
 
 
-def test_structured_rows_are_layer_drops_and_uniform_widths_networks(tiny_model, tiny_tables):
-    import numpy as np
-
-    # at 0.999 of the tiny table both ends exist: every layer at a narrower uniform MLP, and one layer dropped
-    sp = setup(model=str(tiny_model), table=str(tiny_tables["onnxruntime"]), latency_ratio=0.999, sequences=2,
-               seq_len=32)
-    space, obj = sp.supernet.search_space, sp.objectives
-    order = [int(i) for i in np.argsort(sp.supernet.layer_importance)]
-    ev = Evaluator(sp.encoder, obj, budget=10)
-    ev.evaluate(sp.encoder.encode(layer_drop(sp))[None], generation=3)  # the search met layer-drop's, not the other
-    rows = structured_rows(ev, order)
-    full = space.max_config()
-    fits = [w for w in space.mlp_choices if obj.latency(SubnetConfig(
-        full.num_layers, full.layers, (w,) * full.depth, full.heads, full.kv_heads)) <= obj.latency_budget]
-    assert fits and layer_drop(sp).depth < full.depth  # else this test would not see both ends
-    uniform = SubnetConfig(full.num_layers, full.layers, (max(fits),) * full.depth, full.heads, full.kv_heads)
-    assert [r.config for r in rows] == [uniform, layer_drop(sp)]
-    assert rows[0].generation == -1 and rows[0].quality == pytest.approx(obj.quality(uniform))  # evaluated now
-    assert rows[1] is ev.done[layer_drop(sp)] and ev.used == 1  # taken from the search, outside its budget count
-    # a budget that layer-drop alone meets at full width with nothing dropped: one network, once
-    at_full = dataclasses.replace(obj, latency_budget=obj.latency(full))
-    assert [r.config for r in structured_rows(Evaluator(sp.encoder, at_full, budget=1), order)] == [full]
+def test_baseline_rows_are_the_layer_drop_and_width_uniform_networks(tiny_model, width_table, pruning_budget):
+    sp = setup(model=str(tiny_model), table=str(width_table), latency_budget=pruning_budget, sequences=2, seq_len=32)
+    dropped, (uniform, kl, _) = layer_drop(sp), width_uniform(sp)
+    assert dropped != uniform  # else this test would not see both
+    ev = Evaluator(sp.encoder, sp.objectives, budget=10)
+    ev.evaluate(sp.encoder.encode(dropped)[None], generation=3)  # the search met layer-drop's, not the other
+    rows = baseline_rows(ev, sp)
+    assert [r.config for r in rows] == [dropped, uniform]
+    assert rows[0] is ev.done[dropped] and ev.used == 1  # taken from the search, outside its budget count
+    assert rows[1].generation == -1 and rows[1].quality == pytest.approx(kl)  # evaluated now
+    # a budget that only the full model meets: both baselines build it, and it is one candidate
+    at_full = dataclasses.replace(sp, objectives=dataclasses.replace(
+        sp.objectives, latency_budget=sp.objectives.latency(sp.supernet.search_space.max_config())))
+    assert [r.config for r in baseline_rows(Evaluator(sp.encoder, at_full.objectives, budget=1), at_full)] == [
+        sp.supernet.search_space.max_config()]
+    # a budget neither reaches, and none at all: no candidates, no error
+    tight = dataclasses.replace(sp, objectives=dataclasses.replace(sp.objectives, latency_budget=1e-9))
+    assert baseline_rows(Evaluator(sp.encoder, tight.objectives, budget=1), tight) == []
+    free = dataclasses.replace(sp, objectives=dataclasses.replace(sp.objectives, latency_budget=None))
+    assert baseline_rows(Evaluator(sp.encoder, free.objectives, budget=1), free) == []
 
 
 def test_search_selects_its_winner_by_heldout_nll_and_resumes_the_scores(tiny_model, tiny_tables, run_cli, tmp_path,
@@ -160,7 +158,7 @@ def test_search_selects_its_winner_by_heldout_nll_and_resumes_the_scores(tiny_mo
     best = [c for c in cands if c["candidate"] == "lowest KL of its depth"]
     assert 1 <= len(best) <= 3 and len({c["layers"] for c in best}) == len(best)
     assert all(c["latency_ratio"] <= 0.9 + 1e-9 for c in cands)
-    # layer-drop's network, as `hwnas baseline` builds it, is always scored
+    # layer-drop's network, as `hwnas baseline` builds it, is always scored (width-uniform's cannot reach 0.9 here)
     sp = setup(model=str(tiny_model), table=str(tiny_tables["onnxruntime"]), latency_ratio=0.9, sequences=2, seq_len=32)
     assert layer_drop(sp).to_dict() in [c["config"] for c in cands]
     assert sel["chosen"] == min(cands, key=lambda c: c["nll"]) and "SciQ" in sel["settings"]["metric"]

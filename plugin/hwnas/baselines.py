@@ -59,6 +59,14 @@ def width_candidates(sp: Any) -> list[SubnetConfig]:
     return out
 
 
+def width_uniform(sp: Any) -> tuple[SubnetConfig, float, list[dict[str, Any]]]:
+    """The lowest-KL of `width_candidates`: (its config, its KL, every candidate with its KL and predicted latency)."""
+    obj = sp.objectives
+    scored = [(obj.quality(c), c) for c in width_candidates(sp)]
+    kl, cfg = min(scored, key=lambda t: t[0])
+    return cfg, kl, [{"config": c.to_dict(), "kl": q, "latency_ms": obj.latency(c)} for q, c in scored]
+
+
 def _uniform(num_layers: int, layers: list[int], mlp: int, heads: int, kv: int) -> SubnetConfig:
     n = len(layers)
     return SubnetConfig(num_layers, tuple(sorted(layers)), (mlp,) * n, (heads,) * n, (kv,) * n)
@@ -92,9 +100,7 @@ def run_baseline(*, method: str, model: str, table: str | Path, latency_ratio: f
         cfg = layer_drop(sp)
         kl = obj.quality(cfg)
     elif method == "width-uniform":
-        scored = [(obj.quality(c), c) for c in width_candidates(sp)]
-        evaluated = [{"config": c.to_dict(), "kl": q, "latency_ms": obj.latency(c)} for q, c in scored]
-        kl, cfg = min(scored, key=lambda t: t[0])
+        cfg, kl, evaluated = width_uniform(sp)
     else:
         # select=0: the lowest KL of the sample, as documented: no held-out re-scoring
         run_search(model=model, table=str(table), algorithm="random", evaluations=evaluations, population=population,

@@ -352,7 +352,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
     c.add_argument("--select", type=int, default=6,
                    help="under a budget, choose the winner among the best sub-networks of this many depths and "
-                        "the layer-drop and uniform-width networks by --select-metric (default 6; 0: the lowest KL)")
+                        "the layer-drop and width-uniform networks by --select-metric (default 6; 0: the lowest KL)")
     c.add_argument("--select-metric", default="choice-nll", choices=list(METRICS),
                    help="choice-nll (default): answer NLL on held-out SciQ/OpenBookQA/Social IQA questions; "
                         "lastword-nll: LAMBADA last-word NLL on calibration passages (cheaper); "

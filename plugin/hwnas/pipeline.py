@@ -314,7 +314,7 @@ def _markdown(out: Path, r: dict[str, Any], table: Path) -> str:
         f"({r['parameters']['subnet'] / r['parameters']['full']:.1%})",
         f"- calibration KL to the full model: {c['kl']:.3f}; predicted latency ratio: {c['latency_ratio']:.3f}",
         *([f"- chosen ({c.get('candidate', 'lowest KL of its depth')}) among the best of each depth and the "
-           f"structured-pruning networks by {c['selected_by']}: {c['nll']:.3f}"] if "nll" in c else []),
+           f"layer-drop and width-uniform networks by {c['selected_by']}: {c['nll']:.3f}"] if "nll" in c else []),
         "",
         "## Measured on this device",
         "",

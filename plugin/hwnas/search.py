@@ -269,20 +269,6 @@ def structured_seeds(encoder: GeneEncoder, obj: Objectives, layer_order: Sequenc
     return seeds
 
 
-def structured_rows(ev: Evaluator, layer_order: Sequence[int] | None) -> list[Evaluated]:
-    """The two ends of `structured_seeds`, layer-drop's network and uniform width's, where they meet every budget:
-    as the search evaluated them, else evaluated now (outside its budget, generation -1)."""
-    seeds = structured_seeds(ev.encoder, ev.obj, layer_order)
-    out = []
-    for x in seeds[:1] + seeds[-1:]:
-        cfg = ev.encoder.decode(x)
-        e = ev.done.get(cfg) or Evaluated(cfg, float(ev.obj.quality(cfg)), float(ev.obj.latency(cfg)),
-                                          float(ev.obj.size(cfg)), -1)
-        if all(g <= 0 for g in ev.obj.constraints(e.latency_ms, e.size_bytes)) and e not in out:
-            out.append(e)
-    return out
-
-
 def initial_population(encoder: GeneEncoder, obj: Objectives, n: int, rng: np.random.Generator,
                        layer_order: Sequence[int] | None = None) -> np.ndarray:
     """Starting genes: structured-pruning seeds under the budget, then genes from the full model down to the smallest.
@@ -531,7 +517,7 @@ def run_search(*, model: str = "smollm2-135m", table: str, algorithm: str = "nsg
     """Search sub-networks of `model` trading KL to the full model against `table`'s predicted latency and size.
 
     Under a budget, the winner is then chosen by `hwnas.selection` among the `select` best depths and the
-    networks of layer-drop and uniform-width pruning (`structured_rows`), by
+    layer-drop and width-uniform baselines' networks (`baseline_rows`), by
     `select_metric` on `select_items` held-out items (0: the lowest-KL feasible sub-network, as the front ranks them).
     """
     import pickle
@@ -577,8 +563,6 @@ def run_search(*, model: str = "smollm2-135m", table: str, algorithm: str = "nsg
     lat, size, full = obj.latency, obj.size, sn.search_space.max_config()
     ev = Evaluator(encoder, obj, evaluations, _ray_map(sn, obj.quality, workers, ray_address))
     problem = _problem(encoder, len(obj.constraints(0.0, 0.0)))
-    # least influential layers first (None before the importance calibration: random seeds only)
-    layer_order = None if sn.layer_importance is None else [int(i) for i in np.argsort(sn.layer_importance)]
     if saved:
         for d in saved["evaluations"]:
             e = Evaluated(SubnetConfig.from_dict(d["config"]), d["quality"], d["latency_ms"], d["size_bytes"], d["generation"])
@@ -589,6 +573,8 @@ def run_search(*, model: str = "smollm2-135m", table: str, algorithm: str = "nsg
             algo.problem = problem
     else:
         generation = 0
+        # least influential layers first (None before the importance calibration: random seeds only)
+        layer_order = None if sn.layer_importance is None else [int(i) for i in np.argsort(sn.layer_importance)]
         if algorithm == "nsga2":
             algo = _nsga2(population, seed, problem,
                           initial_population(encoder, obj, population, np.random.default_rng(seed), layer_order))
@@ -626,10 +612,30 @@ def run_search(*, model: str = "smollm2-135m", table: str, algorithm: str = "nsg
 
         selected = select_winner(sn, feasible, k=select, items=select_items, metric=select_metric,
                                  quant=obj.quality.quant, full_latency=lat(full), out=out / "selection.json",
-                                 structured=structured_rows(ev, layer_order), progress=progress)["chosen"]
+                                 structured=baseline_rows(ev, sp), progress=progress)["chosen"]
     return write_outputs(out, ev, full_latency=lat(full), full_size=size(full), vocab=int(config["vocab_size"]),
                          args=args, predictor=predictor,
                          selected=None if selected is None else {**selected, "selected_by": METRICS[select_metric]})
+
+
+def baseline_rows(ev: Evaluator, sp: Setup) -> list[Evaluated]:
+    """The networks `hwnas baseline` builds under the same budget, layer-drop's and width-uniform's, where they
+    meet every budget: as the search evaluated them, else evaluated now (outside its budget, generation -1)."""
+    from .baselines import layer_drop, width_uniform
+
+    if ev.obj.latency_budget is None:
+        return []
+    out: list[Evaluated] = []
+    for build in (layer_drop, lambda sp: width_uniform(sp)[0]):
+        try:
+            cfg = build(sp)
+        except HwnasError:  # the method cannot reach the budget: nothing of its own to compare with
+            continue
+        e = ev.done.get(cfg) or Evaluated(cfg, float(ev.obj.quality(cfg)), float(ev.obj.latency(cfg)),
+                                          float(ev.obj.size(cfg)), -1)
+        if all(g <= 0 for g in ev.obj.constraints(e.latency_ms, e.size_bytes)) and e not in out:
+            out.append(e)
+    return out
 
 
 def _checkpoint(path: Any, args: dict, ev: Evaluator, algo: Any, generation: int) -> None:

@@ -3,9 +3,9 @@
 The search optimises KL to the full model: cheap and dense, but among sub-networks of nearly equal KL it
 ranks depth against width badly (on the default model, a width-pruned front member at KL 1.69 scored
 2.8 points below layer-drop at KL 1.72; see README, "Why"). So the last step looks past KL: it takes the
-lowest-KL feasible sub-network of each depth, the `k` best of those, and the networks structured pruning would
-give under the same budget (layer-drop's: full width, the fewest layers that fit; uniform width's: every layer,
-the widest uniform MLP that fits), so the winner is never one that the score ranks below those. A depth's
+lowest-KL feasible sub-network of each depth, the `k` best of those, and the networks that `hwnas baseline` builds
+under the same budget, layer-drop's and width-uniform's, so the winner is never one that the score ranks below
+theirs. A depth's
 lowest-KL member can hide its structured network: on the default model at latency ratio 0.9 it was layer-drop's
 26 layers with three MLPs narrowed, KL 1.154 against 1.163, which `choice-nll` put below the plain 26 layers
 (6.164 against 6.093), as the test tasks did. It scores them, run as the search ran them (int8 emulated where
@@ -190,7 +190,7 @@ def candidates(rows: Sequence[Any], k: int, structured: Sequence[Any] = ()) -> l
     out = [(r, "lowest KL of its depth") for r in per_depth_best(rows, k)]
     for r in structured:
         if all(r.config != c.config for c, _ in out):
-            out.append((r, "structured pruning"))
+            out.append((r, "baseline's network"))
     return out
 
 
