@@ -288,7 +288,8 @@ def plot(result: dict, path: Path) -> None:
             continue
         x, y = [r["decode_ms"] for r in pts], [r["accuracy"] * 100 for r in pts]
         ax.errorbar(x, y, yerr=[r["accuracy_stderr"] * 100 for r in pts], marker=marker, color=color, label=m,
-                    linestyle="-" if m != "full" else "none", markersize=12 if m == "full" else 7, capsize=3)
+                    linestyle="-" if m != "full" else "none", markersize=12 if m == "full" else 7, capsize=3,
+                    zorder=3 if m == "hwnas" else 2)  # on top where hwnas chose a baseline's network: both show
     ax.set_xlabel("measured decode latency, ms/token (onnxruntime int8)")
     ax.set_ylabel("mean accuracy, % (" + ", ".join(result["tasks"]) + ")")
     ax.set_title(f"{result['model']}: accuracy against measured latency ({result['date']})", fontsize=10)
