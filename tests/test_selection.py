@@ -110,21 +110,21 @@ def test_per_depth_best_keeps_the_lowest_kl_of_each_depth(tiny_model):
     assert all(o >= max(r.quality for r in got) for o in others)
 
 
-def test_structured_networks_are_candidates_even_where_their_depth_has_a_lower_kl(tiny_model):
+def test_baselines_networks_are_candidates_even_where_their_depth_has_a_lower_kl(tiny_model):
     sp = Supernet.from_pretrained(tiny_model).search_space
     full = sp.max_config()
     dropped = SubnetConfig(full.num_layers, full.layers[1:], full.mlp[1:], full.heads[1:], full.kv_heads[1:])
     narrowed = SubnetConfig(full.num_layers, full.layers[1:], (min(sp.mlp_choices),) + full.mlp[2:],
                             full.heads[1:], full.kv_heads[1:])
-    structured = Evaluated(dropped, 1.0, 1.0, 1.0, -1)
+    baseline = Evaluated(dropped, 1.0, 1.0, 1.0, -1)
     rows = [Evaluated(narrowed, 0.9, 1.0, 1.0, 0), Evaluated(full, 0.5, 1.0, 1.0, 0)]
-    # the narrowed network hides the plain one of the same depth; the structured one is scored all the same
-    assert [(r.config, why) for r, why in candidates(rows, 2, [structured])] == [
+    # the narrowed network hides the plain one of the same depth; the baseline's is scored all the same
+    assert [(r.config, why) for r, why in candidates(rows, 2, [baseline])] == [
         (full, "lowest KL of its depth"), (narrowed, "lowest KL of its depth"), (dropped, "baseline's network")]
-    # never twice: a structured network that is its depth's lowest KL is a candidate once, for that
-    assert [why for _, why in candidates(rows + [structured], 2, [structured])] == ["lowest KL of its depth"] * 2 + [
+    # never twice: a baseline's network that is its depth's lowest KL is a candidate once, for that
+    assert [why for _, why in candidates(rows + [baseline], 2, [baseline])] == ["lowest KL of its depth"] * 2 + [
         "baseline's network"]
-    assert [why for _, why in candidates([rows[1], structured], 2, [structured])] == ["lowest KL of its depth"] * 2
+    assert [why for _, why in candidates([rows[1], baseline], 2, [baseline])] == ["lowest KL of its depth"] * 2
 
 
 def test_baseline_rows_are_the_layer_drop_and_width_uniform_networks(tiny_model, width_table, pruning_budget):
@@ -158,7 +158,7 @@ def test_search_selects_its_winner_by_heldout_nll_and_resumes_the_scores(tiny_mo
     best = [c for c in cands if c["candidate"] == "lowest KL of its depth"]
     assert 1 <= len(best) <= 3 and len({c["layers"] for c in best}) == len(best)
     assert all(c["latency_ratio"] <= 0.9 + 1e-9 for c in cands)
-    # layer-drop's network, as `hwnas baseline` builds it, is always scored (width-uniform's cannot reach 0.9 here)
+    # layer-drop's network, as `hwnas baseline` builds it, is always scored (both: test_baseline_rows_...)
     sp = setup(model=str(tiny_model), table=str(tiny_tables["onnxruntime"]), latency_ratio=0.9, sequences=2, seq_len=32)
     assert layer_drop(sp).to_dict() in [c["config"] for c in cands]
     assert sel["chosen"] == min(cands, key=lambda c: c["nll"]) and "SciQ" in sel["settings"]["metric"]

@@ -612,7 +612,7 @@ def run_search(*, model: str = "smollm2-135m", table: str, algorithm: str = "nsg
 
         selected = select_winner(sn, feasible, k=select, items=select_items, metric=select_metric,
                                  quant=obj.quality.quant, full_latency=lat(full), out=out / "selection.json",
-                                 structured=baseline_rows(ev, sp), progress=progress)["chosen"]
+                                 baselines=baseline_rows(ev, sp), progress=progress)["chosen"]
     return write_outputs(out, ev, full_latency=lat(full), full_size=size(full), vocab=int(config["vocab_size"]),
                          args=args, predictor=predictor,
                          selected=None if selected is None else {**selected, "selected_by": METRICS[select_metric]})
@@ -626,7 +626,7 @@ def baseline_rows(ev: Evaluator, sp: Setup) -> list[Evaluated]:
     if ev.obj.latency_budget is None:
         return []
     out: list[Evaluated] = []
-    for build in (layer_drop, lambda sp: width_uniform(sp)[0]):
+    for build in (layer_drop, lambda s: width_uniform(s)[0]):
         try:
             cfg = build(sp)
         except HwnasError:  # the method cannot reach the budget: nothing of its own to compare with

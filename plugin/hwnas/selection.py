@@ -5,15 +5,14 @@ ranks depth against width badly (on the default model, a width-pruned front memb
 2.8 points below layer-drop at KL 1.72; see README, "Why"). So the last step looks past KL: it takes the
 lowest-KL feasible sub-network of each depth, the `k` best of those, and the networks that `hwnas baseline` builds
 under the same budget, layer-drop's and width-uniform's, so the winner is never one that the score ranks below
-theirs. A depth's
-lowest-KL member can hide its structured network: on the default model at latency ratio 0.9 it was layer-drop's
-26 layers with three MLPs narrowed, KL 1.154 against 1.163, which `choice-nll` put below the plain 26 layers
-(6.164 against 6.093), as the test tasks did. It scores them, run as the search ran them (int8 emulated where
-it was), by one of:
+theirs: a depth's lowest-KL member can hide them (on the default model at latency ratio 0.9 it was layer-drop's 26
+layers with three MLPs narrowed, KL 1.154 against 1.163, and `choice-nll` scores it worse than the plain 26
+layers, 6.164 against 6.093, as do the test tasks). It scores them, run as the search ran them (int8 emulated
+where it was), by one of:
 
 - `choice-nll` (default): the NLL of the right answer among the choices (a softmax over each choice's summed
   log-likelihood) on validation questions of SciQ, OpenBookQA and Social IQA, tasks hwnas never reports.
-  On compare.json's 12 networks it ranked them as their test accuracy did with Kendall tau 0.88, and it was the
+  On the 2026-12-01 comparison's 12 networks it ranked them as their test accuracy did with Kendall tau 0.88, and it was the
   only proxy that sided with the test at latency ratio 0.7 (benchmarks/selection_proxies.py);
 - `lastword-nll`: the NLL of LAMBADA's last word on calibration-split passages (never the test split; the
   middle of the split, which neither the importance order nor the KL tokens read); tau 0.85 there, cheaper.
@@ -185,18 +184,18 @@ def per_depth_best(rows: Sequence[Any], k: int) -> list[Any]:
     return sorted(best.values(), key=lambda r: r.quality)[:k]
 
 
-def candidates(rows: Sequence[Any], k: int, structured: Sequence[Any] = ()) -> list[tuple[Any, str]]:
-    """`per_depth_best(rows, k)`, then each row of `structured` not among them, each with why it is a candidate."""
+def candidates(rows: Sequence[Any], k: int, baselines: Sequence[Any] = ()) -> list[tuple[Any, str]]:
+    """`per_depth_best(rows, k)`, then each row of `baselines` not among them, each with why it is a candidate."""
     out = [(r, "lowest KL of its depth") for r in per_depth_best(rows, k)]
-    for r in structured:
+    for r in baselines:
         if all(r.config != c.config for c, _ in out):
             out.append((r, "baseline's network"))
     return out
 
 
 def select(supernet: Any, rows: Sequence[Any], *, k: int, items: int, quant: Any, full_latency: float, out: Path,
-           metric: str = "choice-nll", structured: Sequence[Any] = (), progress: bool = True) -> dict[str, Any]:
-    """Score `candidates(rows, k, structured)` by `metric` on `items` held-out items; write and return `out`
+           metric: str = "choice-nll", baselines: Sequence[Any] = (), progress: bool = True) -> dict[str, Any]:
+    """Score `candidates(rows, k, baselines)` by `metric` on `items` held-out items; write and return `out`
     (selection.json)."""
     import json
 
@@ -211,7 +210,7 @@ def select(supernet: Any, rows: Sequence[Any], *, k: int, items: int, quant: Any
     scores = {c["key"]: c["nll"] for c in saved.get("candidates", [])} if saved.get("settings") == settings else {}
     score = scorer(metric, supernet, items, quant=quant)
     cands = []
-    for r, why in tqdm(candidates(rows, k, structured), desc=f"select ({metric})", unit="subnet",
+    for r, why in tqdm(candidates(rows, k, baselines), desc=f"select ({metric})", unit="subnet",
                        disable=not progress):
         key = json.dumps(r.config.to_dict(), sort_keys=True, separators=(",", ":"))
         if key not in scores:
