@@ -151,6 +151,10 @@ class Objectives:
             g.append(size - self.size_budget)
         return g
 
+    def meets(self, e: Evaluated) -> bool:
+        """Whether an evaluated sub-network meets every budget."""
+        return all(g <= 0 for g in self.constraints(e.latency_ms, e.size_bytes))
+
 
 def check_budgets(encoder: GeneEncoder, obj: Objectives) -> None:
     """Refuse budgets no sub-network meets, naming the smallest achievable latency and size."""
@@ -234,7 +238,7 @@ class Evaluator:
         return np.array(F, dtype=float), np.array(G, dtype=float).reshape(len(cfgs), n_g)
 
     def feasible(self) -> list[Evaluated]:
-        return [e for e in self.order if all(g <= 0 for g in self.obj.constraints(e.latency_ms, e.size_bytes))]
+        return [e for e in self.order if self.obj.meets(e)]
 
 
 def _problem(encoder: GeneEncoder, n_constr: int):
@@ -633,7 +637,7 @@ def baseline_rows(ev: Evaluator, sp: Setup) -> list[Evaluated]:
             continue
         e = ev.done.get(cfg) or Evaluated(cfg, float(ev.obj.quality(cfg)), float(ev.obj.latency(cfg)),
                                           float(ev.obj.size(cfg)), -1)
-        if all(g <= 0 for g in ev.obj.constraints(e.latency_ms, e.size_bytes)) and e not in out:
+        if ev.obj.meets(e) and e not in out:
             out.append(e)
     return out
 

@@ -12,8 +12,8 @@ where it was), by one of:
 
 - `choice-nll` (default): the NLL of the right answer among the choices (a softmax over each choice's summed
   log-likelihood) on validation questions of SciQ, OpenBookQA and Social IQA, tasks hwnas never reports.
-  On the 2026-12-01 comparison's 12 networks it ranked them as their test accuracy did with Kendall tau 0.88, and it was the
-  only proxy that sided with the test at latency ratio 0.7 (benchmarks/selection_proxies.py);
+  On the 2026-12-01 comparison's 12 networks it ranked them as their test accuracy did with Kendall tau 0.88,
+  and it was the only proxy that sided with the test at latency ratio 0.7 (benchmarks/selection_proxies.py);
 - `lastword-nll`: the NLL of LAMBADA's last word on calibration-split passages (never the test split; the
   middle of the split, which neither the importance order nor the KL tokens read); tau 0.85 there, cheaper.
 - `task-nll`: held-out items of the very tasks compare.py reports, the mean over the four of each one's NLL:
