@@ -33,7 +33,7 @@ from pathlib import Path
 import hwnas  # noqa: F401  (keeps caches inside the project)
 from hwnas.common import HwnasError, atomic_write_json, atomic_write_text, home, read_json
 from hwnas.data import CALIBRATION_SOURCES, report_limit
-from hwnas.hub import DEFAULT_MODEL, read_llama_config, resolve_model
+from hwnas.loading import DEFAULT_MODEL, read_llama_config, resolve_model
 from hwnas.lmeval import headline, paired_difference
 from hwnas.selection import ITEMS as SELECT_ITEMS, METRICS
 from hwnas.supernet import Calibration, recorded_calibration

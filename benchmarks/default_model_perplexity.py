@@ -17,8 +17,8 @@ import torch
 import hwnas  # noqa: F401  (keeps caches inside the project)
 from hwnas.common import atomic_write_json, atomic_write_text
 from hwnas.data import lambada_texts
-from hwnas.evaluate import perplexity
-from hwnas.hub import load_model
+from hwnas.metrics import perplexity
+from hwnas.loading import load_model
 
 
 def main(limit: int | None, out_dir: Path) -> dict:

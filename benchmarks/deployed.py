@@ -24,7 +24,7 @@ from pathlib import Path
 import hwnas  # noqa: F401  (keeps caches inside the project)
 from hwnas.benchmark import benchmark, ratios
 from hwnas.common import atomic_dir, atomic_write_json, atomic_write_text, home
-from hwnas.hub import DEFAULT_MODEL, resolve_model
+from hwnas.loading import DEFAULT_MODEL, resolve_model
 from hwnas.space import SubnetConfig
 
 # (label, network, runtime, precision). Each runtime's full fp32 model is the reference of its ratios (OpenVINO's
@@ -48,7 +48,7 @@ def build(model: str, cfg: SubnetConfig, work: Path) -> dict[str, Path]:
     import openvino as ov
 
     from hwnas.export import export_checkpoint, export_onnx, export_openvino
-    from hwnas.hub import load_model
+    from hwnas.loading import load_model
     from hwnas.quantize import compress_openvino, quantize_onnx
     from hwnas.runner import cpu_info
 

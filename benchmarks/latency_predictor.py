@@ -19,7 +19,7 @@ from pathlib import Path
 
 import hwnas  # noqa: F401  (keeps caches inside the project)
 from hwnas.common import atomic_write_json, atomic_write_text, read_json
-from hwnas.validation import validate_latency
+from hwnas.validate_latency import validate_latency
 
 
 def main(tables: list[Path], samples: int, seed: int, passes: int, work: Path, out_dir: Path) -> dict:

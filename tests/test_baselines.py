@@ -7,7 +7,7 @@ import pytest
 from hwnas import HwnasError
 from hwnas.baselines import layer_drop, run_baseline, width_candidates
 from hwnas.cli import main
-from hwnas.hub import load_model
+from hwnas.loading import load_model
 from hwnas.search import setup
 from hwnas.space import SubnetConfig
 

@@ -15,7 +15,7 @@ FAST = ("--prompt-tokens", str(PROMPT), "--new-tokens", str(NEW), "--threads", "
 def deployed(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny model as a torch checkpoint, an Optimum ONNX folder and an OpenVINO IR folder."""
     from hwnas.export import export_onnx, export_openvino
-    from hwnas.hub import load_model
+    from hwnas.loading import load_model
 
     d = tmp_path_factory.mktemp("deployed")
     model, _ = load_model(tiny_model)
@@ -85,7 +85,7 @@ def test_onnxruntime_decode_loop_gives_torch_greedy_tokens(deployed, tmp_path):
     import torch
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
-    from hwnas.hub import load_model
+    from hwnas.loading import load_model
 
     model, _ = load_model(deployed["torch"])
     ids = torch.from_numpy(prompt_ids(model.config.vocab_size, PROMPT))

@@ -15,7 +15,7 @@ PROMPT = "The capital of France is"
 
 
 def torch_greedy(folder: Path, n: int = 12) -> list[int]:
-    from hwnas.hub import load_model
+    from hwnas.loading import load_model
 
     model, tok = load_model(folder, allow_subnet=True)
     with torch.no_grad():
@@ -51,7 +51,7 @@ def test_onnx_logits_match_torch_with_kv_cache(per_layer_kv_subnet, tmp_path):
     from optimum.onnxruntime import ORTModelForCausalLM
 
     from hwnas.export import export_onnx_checkpoint
-    from hwnas.hub import load_model
+    from hwnas.loading import load_model
 
     export_onnx_checkpoint(model=per_layer_kv_subnet, out=tmp_path / "onnx")
     ort_model = ORTModelForCausalLM.from_pretrained(tmp_path / "onnx")

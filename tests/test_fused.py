@@ -16,7 +16,7 @@ def _export_and_compare(src: Path, out: Path, side: str) -> None:
     from optimum.onnxruntime import ORTModelForCausalLM
 
     from hwnas.export import export_onnx_checkpoint, fused_attention
-    from hwnas.hub import load_model
+    from hwnas.loading import load_model
 
     report = export_onnx_checkpoint(model=src, out=out, fused_attention=True)
     assert report["fused_attention"] and report["max_abs_logit_diff"] <= 1e-3 and fused_attention(out)
@@ -52,7 +52,7 @@ def test_fused_export_of_per_layer_kv_heads(per_layer_kv_subnet, tmp_path):
 
 def test_fused_export_leaves_the_model_as_it_was(tiny_model, tmp_path):
     from hwnas.export import export_onnx
-    from hwnas.hub import load_model
+    from hwnas.loading import load_model
 
     model, tok = load_model(tiny_model)
     ids = tok(PROMPTS[0], return_tensors="pt")

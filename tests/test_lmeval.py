@@ -12,7 +12,7 @@ import pytest
 
 import hwnas  # noqa: F401  (library caches inside the project)
 from hwnas.common import HwnasError
-from hwnas.hub import load_artifact
+from hwnas.loading import load_artifact
 from hwnas.lmeval import (TASKS, TASKS_DIR, evaluate_path, headline, lm_eval_model, paired_difference, resolve_tasks,
                           task_manager)
 

@@ -30,7 +30,7 @@ def subnet_dir(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 def onnx_dir(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An Optimum ONNX folder of the tiny model at the exporter's default opset (18), with its tokenizer."""
     from hwnas.export import export_onnx
-    from hwnas.hub import load_model
+    from hwnas.loading import load_model
 
     model, tok = load_model(tiny_model)
     out = tmp_path_factory.mktemp("qonnx")

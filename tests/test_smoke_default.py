@@ -8,8 +8,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.smoke]
 
 def test_exported_default_subnet_says_paris(run_cli, tmp_path):
     import hwnas
-    from hwnas.evaluate import greedy_generate
-    from hwnas.hub import load_model
+    from hwnas.metrics import greedy_generate
+    from hwnas.loading import load_model
 
     sn = hwnas.Supernet.from_pretrained("smollm2-135m")
     assert sn.search_space.num_layers == 30 and sn.search_space.head_choices == (3, 6, 9)

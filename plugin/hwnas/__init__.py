@@ -10,7 +10,7 @@ from .common import HwnasError, point_library_caches
 
 point_library_caches()  # before transformers is imported, so that its caches stay in the project
 
-from .hub import DEFAULT_MODEL  # noqa: E402
+from .loading import DEFAULT_MODEL  # noqa: E402
 from .space import SearchSpace, SubnetConfig  # noqa: E402
 
 try:

@@ -56,7 +56,7 @@ sys.exit(_worker(sys.argv[1]))
 # ---------------------------------------------------------------------------------- what to run
 def locate(model: str | os.PathLike, runtime: str | None = None) -> tuple[str, Path]:
     """(runtime, path to load) of a model name, folder or .onnx/.xml file; the runtime is detected when None."""
-    from .hub import DEFAULT_MODEL, resolve_model
+    from .loading import DEFAULT_MODEL, resolve_model
 
     if runtime is not None and runtime not in RUNTIMES:
         raise HwnasError(f"runtime {runtime!r} is not known; expected one of {', '.join(RUNTIMES)}")
@@ -210,7 +210,7 @@ class TorchLM:
 
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu").eval()
         else:
-            from .hub import load_model
+            from .loading import load_model
 
             self.model = load_model(path, allow_subnet=True)[0]
         self.vocab, self.torch = self.model.config.vocab_size, torch

@@ -11,13 +11,13 @@ from typing import Any, Callable, Sequence
 
 from .common import HwnasError
 from .data import CALIBRATION_SOURCES
-from .hub import DEFAULT_MODEL
+from .loading import DEFAULT_MODEL
 from .selection import ITEMS as SELECT_ITEMS, METRICS
 
 
 def space(*, model: str = DEFAULT_MODEL, mlp_step: int = 64) -> dict[str, Any]:
     """The search space of `model` (read from its config alone) and its number of sub-networks."""
-    from .hub import read_llama_config, resolve_model
+    from .loading import read_llama_config, resolve_model
     from .space import SearchSpace
 
     s = SearchSpace.from_hf_config(read_llama_config(resolve_model(model)), mlp_step=mlp_step)
@@ -26,7 +26,7 @@ def space(*, model: str = DEFAULT_MODEL, mlp_step: int = 64) -> dict[str, Any]:
 
 def sample(*, model: str = DEFAULT_MODEL, seed: int = 0, out: Path, mlp_step: int = 64) -> dict[str, Any]:
     """Write a random valid sub-network config of `model` to `out`."""
-    from .hub import read_llama_config, resolve_model
+    from .loading import read_llama_config, resolve_model
     from .space import SearchSpace
 
     s = SearchSpace.from_hf_config(read_llama_config(resolve_model(model)), mlp_step=mlp_step)
@@ -54,8 +54,8 @@ def onnx(*, model: Path, out: Path, opset: int | None = None, overwrite: bool = 
 
 def generate(*, model: str = DEFAULT_MODEL, prompt: str = "The capital of France is", max_new_tokens: int = 20) -> dict[str, Any]:
     """Greedy generation from a full model or a sub-network checkpoint."""
-    from .evaluate import greedy_generate
-    from .hub import load_model
+    from .metrics import greedy_generate
+    from .loading import load_model
 
     m, tok = load_model(model, allow_subnet=True)
     if tok is None:
@@ -66,8 +66,8 @@ def generate(*, model: str = DEFAULT_MODEL, prompt: str = "The capital of France
 def perplexity(*, model: str = DEFAULT_MODEL, split: str = "validation", limit: int | None = None, batch_size: int = 8) -> dict[str, Any]:
     """Perplexity of `model` (checkpoint, ONNX or OpenVINO folder) on LAMBADA passages of `split` (held out by default)."""
     from .data import lambada_texts
-    from .evaluate import perplexity as ppl
-    from .hub import load_artifact
+    from .metrics import perplexity as ppl
+    from .loading import load_artifact
 
     if limit is not None and limit < 1:
         raise HwnasError(f"--limit must be a positive integer, got {limit}")
@@ -143,7 +143,7 @@ def validate_latency(
     keep_artifacts: bool = False,
 ) -> dict[str, Any]:
     """Measure N random sub-networks end to end as deployed and compare with each table's predictions."""
-    from .validation import validate_latency as run_validation
+    from .validate_latency import validate_latency as run_validation
 
     return run_validation(model=model, tables=table, samples=samples, seed=seed, passes=passes, out=out,
                           allow_foreign_table=allow_foreign_table, keep_artifacts=keep_artifacts)

@@ -243,7 +243,7 @@ def export_onnx_checkpoint(*, model: str | Path, out: str | Path, opset: int | N
     import numpy as np
     import onnxruntime as ort
 
-    from .hub import load_model, require_kind, resolve_model
+    from .loading import load_model, require_kind, resolve_model
 
     src = resolve_model(model)
     require_kind(src, "torch", command="`hwnas onnx`")

@@ -449,7 +449,7 @@ def _digest(data: Any) -> str:
 
 
 def model_label(model: str, model_dir: Path) -> str:
-    from .hub import DEFAULT_MODEL
+    from .loading import DEFAULT_MODEL
 
     return DEFAULT_MODEL if model == DEFAULT_MODEL else model_dir.name
 
@@ -471,7 +471,7 @@ def profile(*, model: str = "smollm2-135m", runtime: str = "onnxruntime", precis
                          "--export-blocks, --import-measurements, --resume or --overwrite")
     if import_measurements is not None:
         return import_table(Path(import_measurements), out=out, overwrite=overwrite)
-    from .hub import read_llama_config, resolve_model
+    from .loading import read_llama_config, resolve_model
 
     threads = _check_target(runtime, precision, device, threads)
     if recalibrate:

@@ -319,7 +319,7 @@ def evaluate_path(path: str | Path, tasks: Sequence[str], *, runtime: str | None
 
     `runtime` (torch, onnxruntime or openvino), when given, must be the one the folder holds.
     """
-    from .hub import load_artifact, resolve_model
+    from .loading import load_artifact, resolve_model
 
     resolve_tasks(tasks)  # bad arguments fail before the model loads
     _check(limit, fewshot, 1 if batch_size is None else batch_size)
@@ -328,7 +328,7 @@ def evaluate_path(path: str | Path, tasks: Sequence[str], *, runtime: str | None
         runtime = {"onnx": "onnxruntime"}.get(runtime, runtime)
         if runtime not in RUNTIMES:
             raise HwnasError(f"unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
-        from .hub import artifact_kind
+        from .loading import artifact_kind
 
         found = _KIND_RUNTIME[artifact_kind(folder)]
         if found != runtime:

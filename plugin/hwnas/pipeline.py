@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .common import HwnasError, atomic_dir, atomic_write_json, atomic_write_text, read_json
-from .hub import DEFAULT_MODEL
+from .loading import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def deploy(src: Path, runtime: str, precision: str, out: Path, *, progress: bool
         return src
     if precision == "fp32":
         from .export import export_onnx_checkpoint, export_openvino
-        from .hub import load_model
+        from .loading import load_model
 
         if runtime == "onnxruntime":
             export_onnx_checkpoint(model=src, out=out, fused_attention=fused_attention)
@@ -102,8 +102,8 @@ def deploy(src: Path, runtime: str, precision: str, out: Path, *, progress: bool
 def evaluate_quality(path: Path, budget: Budget, *, progress: bool) -> dict[str, Any]:
     """Held-out perplexity (LAMBADA validation passages) and lm-eval accuracy on a task sample, in the artifact's runtime."""
     from .data import lambada_texts
-    from .evaluate import perplexity
-    from .hub import load_artifact
+    from .metrics import perplexity
+    from .loading import load_artifact
     from .lmeval import evaluate_model
 
     model, tok, kind = load_artifact(path)
@@ -123,7 +123,7 @@ def run(*, model: str = DEFAULT_MODEL, runtime: str = "onnxruntime", precision: 
     `precision` defaults to the runtime's best target here (DEFAULT_PRECISION). `calibration_source` goes to the
     search, which records it (a resumed search refuses another) as its pareto.json does for the export."""
     from . import runner
-    from .hub import read_llama_config, resolve_model
+    from .loading import read_llama_config, resolve_model
     from .latency import model_label, model_signature
 
     precision = precision or DEFAULT_PRECISION.get(runtime, "fp32")

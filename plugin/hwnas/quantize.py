@@ -416,7 +416,7 @@ def _check_args(method: str, samples: int, max_kl: float, group_size: int | None
 
 def _source(model: str | Path, method: str) -> tuple[Path, str]:
     """The source folder and its kind (`torch` or `onnx`), refusing what `method` cannot take and quantized models."""
-    from .hub import read_llama_config, require_kind, resolve_model
+    from .loading import read_llama_config, require_kind, resolve_model
 
     src = resolve_model(model)
     if (src / "quantize.json").is_file():
@@ -451,7 +451,7 @@ def _copy_side_files(src: Path, dst: Path) -> None:
 def _reference(src: Path, kind: str) -> tuple[Any, Any]:
     """The fp32 source (a torch model, or an ORT model for ONNX input) and its tokenizer."""
     if kind == "torch":
-        from .hub import load_model
+        from .loading import load_model
 
         model, tokenizer = load_model(src, allow_subnet=True)
     else:
@@ -681,7 +681,7 @@ def load_quantized(path: str | Path, method: str | None = None) -> Any:
     (its CPU default may be bf16), so that what is measured is the weight quantization alone.
     """
     from . import modeling  # noqa: F401  (hwnas_llama configs and models)
-    from .hub import runtime_model
+    from .loading import runtime_model
 
     path = Path(path)
     method = method or read_json(path / "quantize.json", "quantization report")["method"]
@@ -689,7 +689,7 @@ def load_quantized(path: str | Path, method: str | None = None) -> Any:
     if family in ("ort", "nncf"):
         return runtime_model(path, "onnx")
     if family == "ov":
-        return runtime_model(path, "openvino")  # f32 inference precision (hub.OV_CONFIG)
+        return runtime_model(path, "openvino")  # f32 inference precision (loading.OV_CONFIG)
     if family == "bnb":
         from transformers import AutoModelForCausalLM
 

@@ -36,7 +36,7 @@ def recalibrate(*, table: Path, model: str, progress: bool = True) -> dict[str, 
     """Measure `table`'s calibration sub-networks again here and replace its calibration; returns a summary."""
     from tqdm import tqdm
 
-    from .hub import read_llama_config, resolve_model
+    from .loading import read_llama_config, resolve_model
     from .pipeline import check_table
     from .predictor import LatencyPredictor, LatencyTable
 

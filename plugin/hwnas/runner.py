@@ -170,7 +170,7 @@ def ov_request(path: Path, threads: int, device: str = "cpu"):
     core = ov.Core()
     # f32 inference precision: OpenVINO's CPU default is bf16 where the CPU has AMX, which changes the numbers
     # measured (and crashed on the tiny test model with SIGFPE on a Xeon with AMX); hwnas's int8 is weight-only
-    # (hub.OV_CONFIG, which evaluate and quantize's check load with; this worker does not import hwnas)
+    # (loading.OV_CONFIG, which evaluate and quantize's check load with; this worker does not import hwnas)
     config = ({"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
               if device == "cpu" else {})
     return core.compile_model(str(path), {"cpu": "CPU", "gpu": "GPU"}.get(device, device.upper()), config).create_infer_request()

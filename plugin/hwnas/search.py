@@ -489,7 +489,7 @@ def setup(*, model: str, table: str, phase: str = "decode", latency_budget: floa
     KL ~0.01, so against those tables the fp32 quality stands for the deployed one. `calibration_source`
     (data.CALIBRATION_SOURCES) is the text that orders the channels and that the KL is measured on.
     """
-    from .hub import read_llama_config, resolve_model
+    from .loading import read_llama_config, resolve_model
     from .latency import model_signature
     from .predictor import LatencyPredictor
 

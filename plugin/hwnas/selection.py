@@ -71,7 +71,7 @@ class Continuations:
         import torch
         import torch.nn.functional as F
 
-        from .evaluate import pad_batch
+        from .metrics import pad_batch
 
         self.sn.set_active(cfg, quant=self.quant)
         body, head = self.sn.model.model, self.sn.model.lm_head

@@ -247,7 +247,7 @@ class Supernet(nn.Module):
         under the hwnas folder, so every later load gives the same sub-networks.
         `calibration=None` keeps the checkpoint's own order.
         """
-        from .hub import load_model, resolve_model
+        from .loading import load_model, resolve_model
 
         path = resolve_model(name_or_path)
         model, tokenizer = load_model(path, dtype=dtype, device=device)

@@ -69,7 +69,7 @@ def validate_latency(*, model: str = "smollm2-135m", tables: list[Path], samples
     import torch
     from tqdm import tqdm
 
-    from .hub import read_llama_config, resolve_model
+    from .loading import read_llama_config, resolve_model
     from .supernet import Supernet
 
     if samples < 3:

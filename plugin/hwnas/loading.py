@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from .common import HwnasError, atomic_dir, home
+from .defaults import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Model types whose checkpoints are laid out exactly as a LlamaForCausalLM.
 _LLAMA_TYPES = ("llama", "mistral")

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from hwnas.evaluate import greedy_generate, perplexity
-from hwnas.hub import load_model
+from hwnas.metrics import greedy_generate, perplexity
+from hwnas.loading import load_model
 
 
 def test_perplexity_is_consistent_with_the_loss(tiny_model):

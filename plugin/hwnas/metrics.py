@@ -1,6 +1,6 @@
 """Quality measurements of a causal LM: held-out perplexity and greedy generation.
 
-The model may be a torch model or a deployed one (Optimum's ORT/OpenVINO models, see hub.load_artifact).
+The model may be a torch model or a deployed one (Optimum's ORT/OpenVINO models, see loading.load_artifact).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ import shutil
 import pytest
 
 from hwnas import HwnasError
-from hwnas.hub import load_model, read_llama_config, resolve_model
+from hwnas.loading import load_model, read_llama_config, resolve_model
 
 
 def copy_model(src, dst):

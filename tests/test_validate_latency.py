@@ -4,7 +4,7 @@ import pytest
 
 from hwnas import HwnasError
 from hwnas.space import SearchSpace
-from hwnas.validation import spread_configs, validate_latency
+from hwnas.validate_latency import spread_configs, validate_latency
 
 
 def _space(path):
