@@ -14,11 +14,13 @@ from pathlib import Path
 
 import torch
 
-import hwnas  # noqa: F401  (keeps caches inside the project)
+import hwnas
 from hwnas.common import atomic_write_json, atomic_write_text
 from hwnas.data import lambada_texts
 from hwnas.metrics import perplexity
 from hwnas.loading import load_model
+
+hwnas.point_library_caches()  # library caches stay inside the project
 
 
 def main(limit: int | None, out_dir: Path) -> dict:

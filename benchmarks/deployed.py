@@ -1,9 +1,9 @@
 """The full model and one sub-network as deployed, benchmarked side by side on this machine.
 
 Builds, under the project's git-ignored .cache (hwnas home, `deployed/`), one Optimum-style folder per
-artifact: the full model in fp32 for torch, onnxruntime and OpenVINO; the sub-network in fp32 for
-onnxruntime; both in int8 (onnxruntime dynamic int8 with `hwnas.quantize.quantize_onnx`, OpenVINO
-NNCF int8 with `compress_openvino`) and in OpenVINO int4. Folders already built are reused. All of
+artifact with `hwnas.deploy`: the full model in fp32 for torch, onnxruntime and OpenVINO; the sub-network in
+fp32 for onnxruntime; both in int8 (onnxruntime dynamic int8, OpenVINO NNCF int8) and in OpenVINO int4, as
+the latency tables measure them (`build_deployed`). Folders already built are reused. All of
 them then run in one `hwnas benchmark` comparison (interleaved rounds), and
 benchmarks/results/deployed.{json,md} get each one's figures, its ratios to the full fp32 model of
 the same runtime and to the physical floor (weights read per token over memory bandwidth).
@@ -17,18 +17,22 @@ import datetime
 import hashlib
 import json
 import shlex
-import shutil
 import sys
 from pathlib import Path
 
-import hwnas  # noqa: F401  (keeps caches inside the project)
+import hwnas
 from hwnas.benchmark import benchmark, ratios
 from hwnas.common import atomic_dir, atomic_write_json, atomic_write_text, home
-from hwnas.loading import DEFAULT_MODEL, resolve_model
+from hwnas.deploy import build_deployed, deploy
+from hwnas.export import export_checkpoint
+from hwnas.loading import DEFAULT_MODEL, load_model, resolve_model
+from hwnas.runner import cpu_info
 from hwnas.space import SubnetConfig
 
+hwnas.point_library_caches()  # library caches stay inside the project
+
 # (label, network, runtime, precision). Each runtime's full fp32 model is the reference of its ratios (OpenVINO's
-# is there for that alone); the sub-network's OpenVINO fp32 export is built, as the int8/int4 source, but not measured.
+# is there for that alone).
 ARTIFACTS = [
     ("full torch fp32", "full", "torch", "fp32"),
     ("full onnxruntime fp32", "full", "onnxruntime", "fp32"),
@@ -44,14 +48,8 @@ ARTIFACTS = [
 
 
 def build(model: str, cfg: SubnetConfig, work: Path) -> dict[str, Path]:
-    """Every artifact's folder under `work`, built unless it is there already."""
-    import openvino as ov
-
-    from hwnas.export import export_checkpoint, export_onnx, export_openvino
-    from hwnas.loading import load_model
-    from hwnas.quantize import compress_openvino, quantize_onnx
-    from hwnas.runner import cpu_info
-
+    """Every artifact's folder under `work`, built unless it is there already: onnxruntime fp32 as `hwnas run`
+    deploys its reference (`deploy`, fused attention), the rest as the latency tables measure them (`build_deployed`)."""
     isa = cpu_info()["isa"]
     sources = {"full": resolve_model(model), "sub": work / "sub-torch-fp32"}
     if not sources["sub"].is_dir():
@@ -64,27 +62,14 @@ def build(model: str, cfg: SubnetConfig, work: Path) -> dict[str, Path]:
         paths[label] = sources[net] if runtime == "torch" else folder
         if runtime == "torch" or folder.is_dir():
             continue
-        fp32 = work / f"{net}-{runtime}-fp32"  # every quantized artifact starts from the fp32 export
-        if not fp32.is_dir():
-            print(f"exporting {fp32.name}", file=sys.stderr, flush=True)
-            loaded[net] = loaded.get(net) or load_model(sources[net], allow_subnet=True)[0]
-            with atomic_dir(fp32) as tmp:  # onnxruntime: with fused attention, as hwnas deploys it
-                if runtime == "onnxruntime":
-                    export_onnx(loaded[net], tmp, fused_attention=True)
-                else:
-                    export_openvino(loaded[net], tmp)
-        if precision == "fp32":
+        print(f"building {folder.name}", file=sys.stderr, flush=True)
+        if (runtime, precision) == ("onnxruntime", "fp32"):
+            deploy(sources[net], runtime, precision, folder, progress=True, fused_attention=True)
             continue
-        print(f"quantizing {folder.name}", file=sys.stderr, flush=True)
+        if net not in loaded:
+            loaded[net] = load_model(sources[net], allow_subnet=True)[0]
         with atomic_dir(folder) as tmp:
-            for name in ("config.json", "generation_config.json"):  # an Optimum folder, loadable as such
-                if (fp32 / name).is_file():
-                    shutil.copy(fp32 / name, tmp / name)
-            if runtime == "onnxruntime":
-                quantize_onnx(fp32 / "model.onnx", tmp / "model.onnx", precision=precision, isa=isa)
-            else:
-                compressed, _ = compress_openvino(ov.Core().read_model(str(fp32 / "openvino_model.xml")), precision=precision)
-                ov.save_model(compressed, str(tmp / "openvino_model.xml"), compress_to_fp16=False)
+            build_deployed(loaded[net], runtime, precision, tmp, isa=isa)
     return paths
 
 

@@ -17,9 +17,11 @@ import datetime
 import shutil
 from pathlib import Path
 
-import hwnas  # noqa: F401  (keeps caches inside the project)
+import hwnas
 from hwnas.common import atomic_write_json, atomic_write_text, read_json
 from hwnas.validate_latency import validate_latency
+
+hwnas.point_library_caches()  # library caches stay inside the project
 
 
 def main(tables: list[Path], samples: int, seed: int, passes: int, work: Path, out_dir: Path) -> dict:

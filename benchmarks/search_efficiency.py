@@ -18,7 +18,6 @@ Each part checkpoints under `--work` and resumes. Writes benchmarks/results/sear
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import statistics
@@ -27,12 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
-import hwnas  # noqa: F401  (keeps caches inside the project)
-from hwnas.baselines import layer_drop, width_candidates
+import hwnas
 from hwnas.common import atomic_write_json, atomic_write_text
+from hwnas.encoding import GeneEncoder, config_features, shrunk_to
 from hwnas.lmeval import evaluate_model, headline
-from hwnas.search import KLQuality, calibration_ids, run_search, setup, shrunk_to
+from hwnas.pruning import layer_drop, least_influential, width_candidates
+from hwnas.quality import KLQuality, calibration_ids
+from hwnas.search import fit_quality_predictor, run_search, setup
 from hwnas.space import SubnetConfig
+
+hwnas.point_library_caches()  # library caches stay inside the project
 
 MODEL = "smollm2-135m"
 RANK_TASKS = ("arc_easy", "piqa", "hellaswag", "lambada")
@@ -48,10 +51,11 @@ def ranking_configs(sp, n: int, seed: int) -> list[tuple[str, SubnetConfig]]:
     out = []
     for r in np.linspace(0.60, 0.95, n - 6):
         out.append((f"shrunk {r:.2f}", enc.decode(shrunk_to(enc, obj.latency, rng.random(enc.n_var), r * full))))
+    space, order = sp.supernet.search_space, least_influential(sp.supernet.layer_importance)
     for r in (0.9, 0.8, 0.7):
-        sub = dataclasses.replace(sp, objectives=dataclasses.replace(obj, latency_budget=r * full))
-        out.append((f"layer-drop {r}", layer_drop(sub)))
-        out.append((f"width-uniform {r}", max(width_candidates(sub), key=lambda c: c.heads[0])))
+        out.append((f"layer-drop {r}", layer_drop(space, order, latency=obj.latency, budget=r * full)))
+        out.append((f"width-uniform {r}", max(width_candidates(space, enc.head_options, latency=obj.latency,
+                                                                budget=r * full), key=lambda c: c.heads[0])))
     return out
 
 
@@ -105,7 +109,6 @@ def predictor_study(work: Path, sizes: tuple[int, ...] = (20, 40, 60), splits: i
     from scipy.stats import kendalltau
     from sklearn.ensemble import GradientBoostingRegressor
 
-    from hwnas.search import GeneEncoder, config_features, fit_quality_predictor
     from hwnas.supernet import Supernet
 
     seen: dict[str, float] = {}

@@ -27,15 +27,23 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
+import json
 import shlex
 import sys
 from pathlib import Path
 
-import hwnas  # noqa: F401  (keeps caches inside the project)
-from compare import key  # benchmarks/compare.py, beside this script: one name per distinct sub-network
+import hwnas
 from hwnas.common import HwnasError, atomic_write_json, atomic_write_text, home, read_json
 
+hwnas.point_library_caches()  # library caches stay inside the project
+
 PROXIES = {"kl": -1, "lastword_nll": -1, "choice_nll": -1, "choice_acc": 1, "choice_acc_norm": 1, "task_nll": -1}  # sign: higher better
+
+
+def key(row: dict) -> str:
+    """One name per distinct sub-network, the same as compare.py's (saved scores are keyed by it)."""
+    return hashlib.sha256(json.dumps(row["config"] or "full", sort_keys=True).encode()).hexdigest()[:12]
 
 
 def networks(compare: dict) -> list[dict]:

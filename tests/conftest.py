@@ -121,7 +121,7 @@ def run_cli(hwnas_home: Path):
 @pytest.fixture(scope="session")
 def tiny_tables(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Latency tables of the tiny GQA model, measured once: torch fp32 and onnxruntime fp32."""
-    from hwnas.latency import profile
+    from hwnas.profile import profile
 
     d = tmp_path_factory.mktemp("tables")
     out = {}
@@ -176,7 +176,7 @@ def pruning_budget(tiny_model: Path, width_table: Path) -> float:
 @pytest.fixture(scope="session")
 def tiny_int8_table(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An onnxruntime int8 table of the tiny GQA model (with its fp32-down_proj MLP variants), measured once."""
-    from hwnas.latency import profile
+    from hwnas.profile import profile
 
     out = tmp_path_factory.mktemp("int8_table") / "onnxruntime-int8.json"
     return Path(profile(model=str(tiny_model), runtime="onnxruntime", precision="int8", calibration=1, warmup=1,

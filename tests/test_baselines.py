@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from hwnas import HwnasError
-from hwnas.baselines import layer_drop, run_baseline, width_candidates
+from hwnas.baselines import run_baseline
 from hwnas.cli import main
 from hwnas.loading import load_model
+from hwnas.pruning import layer_drop, least_influential, width_candidates
 from hwnas.search import setup
 from hwnas.space import SubnetConfig
 
@@ -18,7 +19,10 @@ def _setup(tiny_model, table, budget):
 
 def test_layer_drop_removes_the_least_influential_layers_until_it_fits(tiny_model, width_table, pruning_budget):
     sp = _setup(tiny_model, width_table, pruning_budget)
-    cfg, obj, full = layer_drop(sp), sp.objectives, sp.supernet.search_space.max_config()
+    obj, space = sp.objectives, sp.supernet.search_space
+    cfg = layer_drop(space, least_influential(sp.supernet.layer_importance), latency=obj.latency,
+                     budget=obj.latency_budget)
+    full = space.max_config()
     dropped = sorted(set(full.layers) - set(cfg.layers))
     order = list(np.argsort(sp.supernet.layer_importance))
     assert dropped and sorted(order[:len(dropped)]) == dropped  # lowest Block Influence first
@@ -33,7 +37,7 @@ def test_layer_drop_removes_the_least_influential_layers_until_it_fits(tiny_mode
 def test_width_uniform_keeps_every_layer_at_one_width_that_just_fits(tiny_model, width_table, pruning_budget):
     sp = _setup(tiny_model, width_table, pruning_budget)
     space, obj = sp.supernet.search_space, sp.objectives
-    cands = width_candidates(sp)
+    cands = width_candidates(space, sp.encoder.head_options, latency=obj.latency, budget=obj.latency_budget)
     assert cands
     for c in cands:
         assert c.depth == space.num_layers and c.is_uniform and obj.latency(c) <= obj.latency_budget

@@ -71,7 +71,8 @@ def test_fused_attention_block_runs_in_onnxruntime(tiny_model, tmp_path):
     import onnxruntime as ort
     from transformers import LlamaConfig
 
-    from hwnas.latency import Block, block_inputs, export_block_onnx
+    from hwnas.blocks import block_inputs, export_block_onnx
+    from hwnas.tables import Block
     from hwnas.runner import make_input
 
     config = LlamaConfig.from_pretrained(tiny_model)

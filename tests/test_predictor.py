@@ -5,9 +5,9 @@ import json
 import pytest
 
 from hwnas import HwnasError, Supernet
-from hwnas.latency import TABLE_FORMAT, blocks_for, blocks_of, phase_key
-from hwnas.predictor import LatencyPredictor, LatencyTable, size_bytes
+from hwnas.predictor import LatencyPredictor, LatencyTable, check_table, size_bytes
 from hwnas.space import SearchSpace
+from hwnas.tables import TABLE_FORMAT, blocks_for, blocks_of, phase_key
 
 SIG = {"hidden_size": 64, "head_dim": 16, "vocab_size": 320, "num_hidden_layers": 4, "intermediate_size": 256,
        "num_attention_heads": 4, "num_key_value_heads": 2}
@@ -94,6 +94,19 @@ def test_foreign_tables_are_refused_unless_allowed(tiny_model):
     table.check_target(device_id="cpu-other-avx512-t2", allow_foreign=True)
     with pytest.raises(HwnasError, match="hidden_size 64 in the table vs 576"):
         table.check_model({**SIG, "hidden_size": 576})
+
+
+def test_check_table_refuses_a_table_measured_with_other_quantization(tiny_model, tmp_path):
+    data = synthetic_table(_space(tiny_model))
+    data["header"]["quantization"] = {"method": "onnxruntime.quantize_dynamic", "reduce_range": False}
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(data))
+    target = dict(signature=SIG, runtime="onnxruntime", precision="fp32", device_id="cpu-test-avx2-t2")
+    assert check_table(path, **target, quantization=data["header"]["quantization"])["model"] == "tiny"
+    with pytest.raises(HwnasError, match="this device deploys {'method'"):
+        check_table(path, **target, quantization={"method": "onnxruntime.quantize_dynamic", "reduce_range": True})
+    with pytest.raises(HwnasError, match="does not match the target"):
+        check_table(path, **{**target, "device_id": "cpu-other-avx512-t2"}, quantization={})
 
 
 def test_size_model_matches_the_extracted_weights(tiny_model):

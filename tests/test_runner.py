@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from hwnas import runner
-from hwnas.latency import ROUNDS
+from hwnas.profile import ROUNDS
 
 
 def test_trimmed_stats_drop_the_tails():
@@ -17,6 +17,13 @@ def test_trimmed_stats_drop_the_tails():
     assert s["n"] == 36
     with pytest.raises(runner.RunnerError):
         runner.trimmed_stats([])
+
+
+def test_merge_rounds_keeps_the_median_of_the_round_medians():
+    rounds = [{"measured": {"median_ms": m, "std_ms": sd, "n": 10}} for m, sd in ((1.0, 0.1), (3.0, 0.3), (2.0, 0.2))]
+    m = runner.merge_rounds([{**rounds[0], "config": {"x": 1}, "phase": "decode.c8"}, *rounds[1:]])
+    assert m["measured"] == {"mean_ms": 2.0, "std_ms": 0.2, "median_ms": 2.0, "n": 30}
+    assert m["rounds_ms"] == [1.0, 3.0, 2.0] and (m["config"], m["phase"]) == ({"x": 1}, "decode.c8")
 
 
 def test_make_input_fills():
@@ -49,7 +56,7 @@ def test_device_id_tells_apart_cpu_generations_behind_one_vendor_name():
 
 @pytest.fixture(scope="module")
 def blocks_dir(tiny_model, tmp_path_factory):
-    from hwnas.latency import profile
+    from hwnas.profile import profile
 
     d = tmp_path_factory.mktemp("blocks") / "int8"
     r = profile(model=str(tiny_model), runtime="onnxruntime", precision="int8", calibration=1, warmup=1, repeats=4,

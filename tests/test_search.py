@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 
 from hwnas import HwnasError, Supernet
-from hwnas.search import GeneEncoder, KLQuality, calibration_ids, hypervolume, pareto_mask, run_search
+from hwnas.encoding import GeneEncoder, shrunk_genes, shrunk_to
+from hwnas.pruning import layer_drop, structured_seeds
+from hwnas.quality import KLQuality, calibration_ids
+from hwnas.search import Objectives, initial_population, run_search, seed_genes
+from hwnas.search_report import hypervolume, pareto_mask
 from hwnas.space import SearchSpace
 from hwnas.supernet import Calibration
 
@@ -189,30 +193,28 @@ def test_ray_workers_match_serial_quality(tiny_model):
 
 
 def test_initial_population_is_seeded_with_structured_pruning_under_the_budget(tiny_model):
-    from hwnas.search import Objectives, initial_population, structured_seeds
-
     space = _space(tiny_model)  # 4 layers, MLP 256
     enc = GeneEncoder(space)
     # a stand-in latency: 10 per kept layer plus its MLP width / 64
     obj = Objectives(quality=None, latency=lambda c: sum(10 + w / 64 for w in c.mlp), size=lambda c: 0.0,
                      latency_budget=50.0)
     order = [2, 0, 3, 1]  # layer 2 has the lowest Block Influence
-    seeds = [enc.decode(x) for x in structured_seeds(enc, obj, order)]
+    seeds = [enc.decode(x) for x in seed_genes(enc, obj, order)]
+    assert seeds == structured_seeds(space, order, latency=obj.latency, budget=50.0)
     assert all(obj.latency(c) <= 50.0 for c in seeds)
     assert seeds[0].layers == (0, 1, 2, 3) and len(set(seeds[0].mlp)) == 1  # uniform width, all layers
     assert seeds[-1].layers == (0, 1, 3) and set(seeds[-1].mlp) == {256}  # the ShortGPT pick: drop layer 2
+    assert seeds[-1] == layer_drop(space, order, latency=obj.latency, budget=50.0)  # `hwnas baseline`'s network
     X = initial_population(enc, obj, 8, np.random.default_rng(0), order)
     assert X.shape == (8, enc.n_var)
     cfgs = [enc.decode(x) for x in X]
     assert seeds[0] in cfgs and seeds[-1] in cfgs
     # the other six: three bisected to fit the budget, three anywhere from the full model down
     assert sum(obj.latency(c) <= 50.0 for c in cfgs) >= 5
-    assert structured_seeds(enc, Objectives(None, obj.latency, obj.size), order) == []  # no budget: no seeds
+    assert seed_genes(enc, Objectives(None, obj.latency, obj.size), order) == []  # no budget: no seeds
 
 
 def test_shrunk_to_is_the_least_shrinking_that_fits_the_target(tiny_model):
-    from hwnas.search import shrunk_genes, shrunk_to
-
     enc = GeneEncoder(_space(tiny_model))
     latency = lambda c: sum(10 + w / 64 for w in c.mlp)  # noqa: E731
     lo, hi = enc.bounds

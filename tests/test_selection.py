@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from hwnas import HwnasError, Supernet
-from hwnas.baselines import layer_drop, width_uniform
-from hwnas.pipeline import _choose
-from hwnas.search import Evaluated, Evaluator, baseline_rows, run_search, setup
+from hwnas.pipeline import choose
+from hwnas.pruning import layer_drop, least_influential, width_uniform
+from hwnas.search import Evaluated, Evaluator, Setup, baseline_rows, run_search, setup
 from hwnas.selection import ChoiceNLL, LastWordNLL, TaskNLL, candidates, heldout_passages, per_depth_best
 from hwnas.space import SubnetConfig
 
@@ -127,9 +127,16 @@ def test_baselines_networks_are_candidates_even_where_their_depth_has_a_lower_kl
     assert [why for _, why in candidates([rows[1], baseline], 2, [baseline])] == ["lowest KL of its depth"] * 2
 
 
+def _layer_drop(sp: Setup) -> SubnetConfig:
+    return layer_drop(sp.supernet.search_space, least_influential(sp.supernet.layer_importance),
+                      latency=sp.objectives.latency, budget=sp.objectives.latency_budget)
+
+
 def test_baseline_rows_are_the_layer_drop_and_width_uniform_networks(tiny_model, width_table, pruning_budget):
     sp = setup(model=str(tiny_model), table=str(width_table), latency_budget=pruning_budget, sequences=2, seq_len=32)
-    dropped, (uniform, kl, _) = layer_drop(sp), width_uniform(sp)
+    obj, dropped = sp.objectives, _layer_drop(sp)
+    uniform, kl, _ = width_uniform(sp.supernet.search_space, sp.encoder.head_options, latency=obj.latency,
+                                   budget=obj.latency_budget, quality=obj.quality)
     assert dropped != uniform  # else this test would not see both
     ev = Evaluator(sp.encoder, sp.objectives, budget=10)
     ev.evaluate(sp.encoder.encode(dropped)[None], generation=3)  # the search met layer-drop's, not the other
@@ -160,10 +167,10 @@ def test_search_selects_its_winner_by_heldout_nll_and_resumes_the_scores(tiny_mo
     assert all(c["latency_ratio"] <= 0.9 + 1e-9 for c in cands)
     # layer-drop's network, as `hwnas baseline` builds it, is always scored (both: test_baseline_rows_...)
     sp = setup(model=str(tiny_model), table=str(tiny_tables["onnxruntime"]), latency_ratio=0.9, sequences=2, seq_len=32)
-    assert layer_drop(sp).to_dict() in [c["config"] for c in cands]
+    assert _layer_drop(sp).to_dict() in [c["config"] for c in cands]
     assert sel["chosen"] == min(cands, key=lambda c: c["nll"]) and "SciQ" in sel["settings"]["metric"]
     assert r["best"]["config"] == pareto["selected"]["config"] == sel["chosen"]["config"]
-    assert _choose(pareto, 0.9)["config"] == sel["chosen"]["config"] and _choose(pareto, 0.9)["index"] is None
+    assert choose(pareto, 0.9)["config"] == sel["chosen"]["config"] and choose(pareto, 0.9)["index"] is None
     # `hwnas export` takes the selected winner by default
     run_cli("export", "--model", str(tiny_model), "--subnet", str(tmp_path / "s" / "pareto.json"),
             "--out", str(tmp_path / "best"))

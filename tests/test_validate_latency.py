@@ -60,7 +60,7 @@ def test_validate_latency_end_to_end(tiny_tables, tiny_model, tmp_path):
 
 def test_validate_latency_of_a_weight_only_int8_table(tiny_model, tmp_path):
     """A precision whose name holds a dash (int8-wo) is built, quantized and measured like the others."""
-    from hwnas.latency import profile
+    from hwnas.profile import profile
 
     table = profile(model=str(tiny_model), runtime="onnxruntime", precision="int8-wo", calibration=1, warmup=1,
                     repeats=3, prefill=[16], decode=[16], out=tmp_path / "wo.json", progress=False)["table"]

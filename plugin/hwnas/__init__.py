@@ -5,17 +5,18 @@
     cfg = sn.search_space.sample(seed=0)
     sn.set_active(cfg); logits = sn(input_ids).logits
     sn.extract(cfg).save_pretrained("out")
+
+Importing hwnas only registers the `hwnas_llama` model type with transformers' Auto classes; it changes no
+environment. `hwnas.point_library_caches()` keeps later library caches (datasets, matplotlib, OpenVINO telemetry)
+under the hwnas folder, as the `hwnas` command does first thing.
 """
 from .common import HwnasError, point_library_caches
-
-point_library_caches()  # before transformers is imported, so that its caches stay in the project
-
-from .loading import DEFAULT_MODEL  # noqa: E402
-from .space import SearchSpace, SubnetConfig  # noqa: E402
+from .defaults import DEFAULT_MODEL
+from .space import SearchSpace, SubnetConfig
 
 try:
-    from .modeling import HwnasLlamaConfig, HwnasLlamaForCausalLM  # noqa: E402  (registers the Auto classes)
-    from .supernet import Calibration, OrtInt8, Supernet  # noqa: E402
+    from .modeling import HwnasLlamaConfig, HwnasLlamaForCausalLM  # registers the Auto classes
+    from .supernet import Calibration, OrtInt8, Supernet
 except ImportError as e:  # an edge device with only numpy and a runtime: `python -m hwnas.runner` still works
     if e.name not in ("torch", "transformers"):
         raise
@@ -30,6 +31,7 @@ __all__ = [
     "SearchSpace",
     "SubnetConfig",
     "Supernet",
+    "point_library_caches",
 ]
 __version__ = "0.1.0"
 

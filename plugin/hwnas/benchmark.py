@@ -10,7 +10,7 @@ Each run generates greedily: a prompt of S random tokens (seeded, the same for e
 new tokens to T in all. Prefill is the forward pass on the prompt; time to first token adds reading
 the first token off its logits; decode is the mean time of the T-1 single-token steps that follow.
 Several models are measured in interleaved rounds (A, B, C, A, B, C, ...), each round one untimed
-warm-up run and `repeats` timed runs per model, because this machine drifts 10-20% between passes;
+warm-up run and `repeats` timed runs per model, because a machine's speed drifts between passes;
 a figure is the median of the round medians, and its spread is (max - min) / median of those.
 
 Peak memory is the worker's VmHWM: `ru_maxrss` would report the parent's peak, which a child
@@ -36,6 +36,7 @@ import numpy as np
 
 from . import runner
 from .common import HwnasError, atomic_write_json, atomic_write_text, point_library_caches
+from .loading import DEFAULT_MODEL, load_model, resolve_model
 
 RUNTIMES = ("torch", "onnxruntime", "openvino")
 FORMAT = "hwnas-benchmark/1"
@@ -56,8 +57,6 @@ sys.exit(_worker(sys.argv[1]))
 # ---------------------------------------------------------------------------------- what to run
 def locate(model: str | os.PathLike, runtime: str | None = None) -> tuple[str, Path]:
     """(runtime, path to load) of a model name, folder or .onnx/.xml file; the runtime is detected when None."""
-    from .loading import DEFAULT_MODEL, resolve_model
-
     if runtime is not None and runtime not in RUNTIMES:
         raise HwnasError(f"runtime {runtime!r} is not known; expected one of {', '.join(RUNTIMES)}")
     path = resolve_model(model) if str(model) == DEFAULT_MODEL else Path(model).expanduser()
@@ -210,8 +209,6 @@ class TorchLM:
 
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu").eval()
         else:
-            from .loading import load_model
-
             self.model = load_model(path, allow_subnet=True)[0]
         self.vocab, self.torch = self.model.config.vocab_size, torch
         self.info = {"weights_read_bytes": torch_weights_read(self.model), "dtype": str(self.model.dtype),
@@ -419,8 +416,6 @@ def benchmark(models: list[str | os.PathLike], *, runtime: str | None = None, la
     """
     from tqdm import tqdm
 
-    from .latency import versions
-
     if not models:
         raise HwnasError("give at least one model to benchmark")
     for name, value, least in (("prompt_tokens", prompt_tokens, 1), ("new_tokens", new_tokens, 2),
@@ -465,7 +460,7 @@ def benchmark(models: list[str | os.PathLike], *, runtime: str | None = None, la
     cpu = runner.cpu_info()
     report = {"format": FORMAT, "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "device": {**cpu, "threads": threads, "id": runner.device_id(cpu, threads)},
-              "versions": {k: v for rt in sorted({e["runtime"] for e in entries}) for k, v in versions(rt).items()}
+              "versions": {k: v for rt in sorted({e["runtime"] for e in entries}) for k, v in runner.versions(rt).items()}
               | {"numpy": np.__version__},
               "settings": {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "threads": threads,
                            "repeats": repeats, "rounds": rounds, "warmup_per_round": warmup, "seed": SEED,
@@ -488,10 +483,8 @@ def _labels(paths: list[Path]) -> list[str]:
 
 
 def _summarize(entry: dict[str, Any], rounds: list[dict[str, Any]], gb_per_s: float) -> None:
-    from .latency import _merge_rounds
-
     for key in ("prefill_ms", "ttft_ms", "decode_ms_per_token"):
-        m = _merge_rounds([{"measured": runner.trimmed_stats(r[key])} for r in rounds])
+        m = runner.merge_rounds([{"measured": runner.trimmed_stats(r[key])} for r in rounds])
         med = m["measured"]["median_ms"]
         entry[key] = {"median": med, "std": m["measured"]["std_ms"], "round_medians": m["rounds_ms"],
                       "spread": (max(m["rounds_ms"]) - min(m["rounds_ms"])) / med, "n": m["measured"]["n"]}

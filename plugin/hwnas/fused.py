@@ -1,18 +1,10 @@
 """onnxruntime's fused attention for exported Llama decoders.
 
-Optimum's ONNX export spells each attention layer out in about a hundred small nodes (shape arithmetic, rotary
-embedding, KV concatenation, repeat_kv, the causal mask). In a decode step those nodes, not the weights, take most
-of the time: a 21-layer weight-only int8 sub-network of the default model ran ~2,300 nodes per token at 2.8x its
-memory floor. `gqa_attention` patches a model so that its export writes each layer's attention as three
-onnxruntime contrib nodes: `RotaryEmbedding` for the queries and for the keys, then `GroupQueryAttention` (KV
-cache, grouped heads, causal mask). That graph has ~730 nodes and decoded 1.57x faster (5.74 against 9.00 ms per
-token, one interleaved `hwnas benchmark` run, 2026-11-30).
-
-The graph keeps Optimum's inputs and outputs (`input_ids`, `attention_mask`, `position_ids`,
-`past_key_values.{i}.key` in; `logits`, `present.{i}.key` out, BNSH), so `ORTModelForCausalLM` loads it and
-`generate` runs on it. Padding on either side is masked through the attention bias and rotary positions come from
-`position_ids`. Two limits: only onnxruntime runs the contrib nodes (OpenVINO and other ONNX consumers cannot), and
-onnxruntime refuses a step of several new tokens on a non-empty KV cache for a batch of more than one.
+Optimum's ONNX export writes each attention layer as about a hundred small nodes, which dominate a decode step.
+`gqa_attention` patches a model so that its export writes `RotaryEmbedding` (queries, keys) and
+`GroupQueryAttention` (KV cache, grouped heads, causal mask) instead, with Optimum's inputs and outputs, so
+`ORTModelForCausalLM` loads it. Only onnxruntime runs these contrib nodes, and it refuses a step of several new
+tokens on a non-empty KV cache for a batch of more than one.
 """
 
 from __future__ import annotations

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from .common import HwnasError, home
+from .quality import KLQuality
 from .space import SubnetConfig
+from .supernet import Supernet
 
 
 _MAX_RAY_TMP = 40  # longest session parent folder whose sockets stay under AF_UNIX's 107 bytes
@@ -53,7 +55,7 @@ def _init_ray(workers: int, address: str | None) -> Any:
 class RayQuality:
     """`quality(cfgs) -> [KL]` evaluated by `workers` Ray actors; order of results = order of configs."""
 
-    def __init__(self, supernet: Any, quality: Any, *, workers: int, address: str | None = None) -> None:
+    def __init__(self, supernet: Any, quality: KLQuality, *, workers: int, address: str | None = None) -> None:
         ray = _init_ray(workers, address)
         supernet.set_max()
         weights = {k: v.detach().cpu().numpy() for k, v in supernet.model.state_dict().items()}
@@ -76,9 +78,6 @@ class _Worker:
         from transformers import LlamaConfig, LlamaForCausalLM
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-        from .search import KLQuality
-        from .supernet import Supernet
-
         torch.set_num_threads(threads)
         config = LlamaConfig(**{k: v for k, v in shared["config"].items() if k != "model_type"})
         with warnings.catch_warnings():  # the shared arrays are read-only, and nothing here writes to them
@@ -93,11 +92,9 @@ class _Worker:
         assert not leftover, leftover
         model.eval()
         self.sn = Supernet(model, None, mlp_step=shared["mlp_step"])
-        q = KLQuality.__new__(KLQuality)  # the full model's log-probabilities come precomputed
-        q.sn, q.ids, q.batch_size = self.sn, torch.from_numpy(shared["ids"]), shared["batch_size"]
-        q.quant = shared["quant"]  # the int8 emulation, when the search weighs it
-        q.teacher = [torch.from_numpy(t) for t in shared["teacher"]]
-        self.q = q
+        # the full model's log-probabilities come precomputed; `quant` is the int8 emulation, when the search weighs it
+        self.q = KLQuality(self.sn, torch.from_numpy(shared["ids"]), batch_size=shared["batch_size"],
+                           quant=shared["quant"], teacher=[torch.from_numpy(t) for t in shared["teacher"]])
 
     def quality(self, cfg: dict[str, Any]) -> float:
         return self.q(SubnetConfig.from_dict(cfg))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import HwnasError, read_json
-from .latency import PHASES, TABLE_FORMAT, blocks_of, phase_key
+from .tables import PHASES, TABLE_FORMAT, blocks_of, phase_key
 from .space import SubnetConfig
 
 _STAT_KEYS = ("mean_ms", "std_ms", "median_ms", "n")
@@ -119,6 +119,20 @@ class LatencyTable:
         if diff and not allow_foreign:
             raise HwnasError(f"{self.path} does not match the target ({'; '.join(diff)}); "
                              "profile this target or pass --allow-foreign-table")
+
+
+def check_table(table: Path, *, signature: dict[str, int], runtime: str, precision: str, device_id: str,
+                quantization: dict[str, Any]) -> dict[str, Any]:
+    """Refuse a table that does not describe this deployment: model shape, runtime, precision, device, and the
+    `quantization` settings this device deploys with (`quantize.settings_for`); returns the table's header."""
+    t = LatencyTable.load(table)
+    t.check_model(signature)
+    t.check_target(runtime=runtime, precision=precision, device_id=device_id)
+    have = t.header.get("quantization", {})
+    if have != quantization:
+        raise HwnasError(f"{table} was measured with quantization {have}, but this device deploys {quantization}; "
+                         "profile again (hwnas profile) so that the table describes the deployed model")
+    return t.header
 
 
 class LatencyPredictor:

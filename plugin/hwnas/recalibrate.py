@@ -1,11 +1,8 @@
 """Re-measure a latency table's calibration sub-networks on this device, now, and refit its correction.
 
-A device's speed drifts between sessions (other tenants, clocks, thermal state): on this project's
-shared 2-core machine the same sub-networks measured 10-25% apart from one day to the next, a shift
-that no block sum can know about. Re-measuring the table's calibration sub-networks (whole networks,
-end to end, as the profile did, in 7 interleaved rounds) takes a few minutes, mostly building the
-networks, where re-profiling every block takes 5-15; the predictor then fits its correction to the
-device as it is now.
+A device's speed drifts between sessions (other tenants, clocks, thermal state), a shift no block sum can
+know about. Re-measuring the table's calibration sub-networks end to end, as the profile did, is much
+cheaper than re-profiling every block; the predictor then fits its correction to the device as it is now.
 
     hwnas profile --runtime onnxruntime --precision int8 --recalibrate     (the default table of this target)
 
@@ -23,22 +20,24 @@ from pathlib import Path
 from typing import Any
 
 from . import runner
+from .blocks import deployed_inputs, measure_torch_model
 from .common import HwnasError, atomic_write_json, home, read_json
-from .latency import _merge_rounds, build_deployed, deployed_inputs, e2e_timing, measure_torch_model, model_signature
+from .deploy import build_deployed
+from .loading import read_llama_config, resolve_model
+from .predictor import LatencyPredictor, LatencyTable, check_table
+from .quantize import settings_for
 from .space import SubnetConfig
+from .supernet import Supernet
+from .tables import e2e_timing, model_signature
 
-# More rounds than a profile's 3: a point is cheap here, and the median of 7 survives 3 disturbed rounds (on this
-# machine a disturbed stretch spoiled 2 of 3 rounds of one point in the first recalibration of the int8 table)
+# More rounds than a profile's 3: a point is cheap here, and the median of 7 survives 3 disturbed rounds
 ROUNDS = 7
 
 
 def recalibrate(*, table: Path, model: str, progress: bool = True) -> dict[str, Any]:
     """Measure `table`'s calibration sub-networks again here and replace its calibration; returns a summary."""
+    import torch
     from tqdm import tqdm
-
-    from .loading import read_llama_config, resolve_model
-    from .pipeline import check_table
-    from .predictor import LatencyPredictor, LatencyTable
 
     table = Path(table)
     t = LatencyTable.load(table)
@@ -50,7 +49,8 @@ def recalibrate(*, table: Path, model: str, progress: bool = True) -> dict[str, 
     isa = cpu["isa"]
     # the same device, the same model and what this code deploys: otherwise the points would not belong to the blocks
     check_table(table, signature=model_signature(read_llama_config(resolve_model(model))), runtime=t.runtime,
-                precision=t.precision, device_id=runner.device_id(cpu, threads), isa=isa)
+                precision=t.precision, device_id=runner.device_id(cpu, threads),
+                quantization=settings_for(t.runtime, t.precision, isa))
     if not t.calibration:
         raise HwnasError(f"{table} has no calibration points to measure again (profiled with --calibration 0)")
     points = [(SubnetConfig.from_dict(c["config"]), c["phase"]) for c in t.calibration]
@@ -62,11 +62,6 @@ def recalibrate(*, table: Path, model: str, progress: bool = True) -> dict[str, 
         shutil.rmtree(work, ignore_errors=True)
         state = {"digest": digest, "rounds": {}}
     work.mkdir(parents=True, exist_ok=True)
-
-    import torch
-
-    from .supernet import Supernet
-
     torch.set_num_threads(threads)
 
     @functools.lru_cache(maxsize=1)
@@ -107,7 +102,7 @@ def recalibrate(*, table: Path, model: str, progress: bool = True) -> dict[str, 
     data = read_json(table, "latency table")
     old = data["calibration"]
     data["calibration"] = [
-        {**_merge_rounds([{"config": c["config"], "phase": c["phase"], "measured": state["rounds"][f"{i}/r{k}"]}
+        {**runner.merge_rounds([{"config": c["config"], "phase": c["phase"], "measured": state["rounds"][f"{i}/r{k}"]}
                           for k in range(ROUNDS)]), **({"index": c["index"]} if "index" in c else {})}
         for i, c in enumerate(old)]
     data["header"]["recalibrated"] = {

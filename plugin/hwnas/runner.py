@@ -97,6 +97,15 @@ def trimmed_stats(samples_ms: list[float]) -> dict[str, float]:
     }
 
 
+def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One figure from its interleaved rounds (each `{"measured": trimmed_stats}`): the median of the round medians."""
+    med = [r["measured"]["median_ms"] for r in rounds]
+    measured = {"mean_ms": float(np.mean(med)), "std_ms": float(np.median([r["measured"]["std_ms"] for r in rounds])),
+                "median_ms": float(np.median(med)), "n": sum(r["measured"]["n"] for r in rounds)}
+    return {"config": rounds[0].get("config"), "phase": rounds[0].get("phase"), "measured": measured,
+            "rounds_ms": [round(m, 4) for m in med]}
+
+
 class CacheFlusher:
     """Evicts the last-level cache by touching a buffer larger than it (64 MiB by default)."""
 
@@ -219,6 +228,21 @@ def runtime_version(runtime: str) -> str:
     import openvino
 
     return openvino.__version__
+
+
+def versions(runtime: str) -> dict[str, str]:
+    """Python's version and the installed versions of the libraries a `runtime` measurement depends on."""
+    import importlib.metadata as md
+
+    names = {"torch": ["torch", "transformers"], "onnxruntime": ["onnxruntime", "onnx", "torch"],
+             "openvino": ["openvino", "nncf", "torch"]}[runtime]
+    out = {"python": platform.python_version()}
+    for n in names + ["hwnas"]:
+        try:
+            out[n] = md.version(n)
+        except md.PackageNotFoundError:
+            pass
+    return out
 
 
 # ------------------------------------------------------------------------------------ files

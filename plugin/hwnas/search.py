@@ -1,136 +1,42 @@
 """Multi-objective search over the supernet: quality loss against predicted latency and size.
 
-The search knows three callables, as in Once-for-All: `quality(cfg)` (KL divergence of the
-sub-network's next-token distribution from the full model's on held-out calibration text),
-`latency(cfg)` (a `LatencyPredictor`) and `size(cfg)` (bytes at the target precision). Sub-networks
-are integer gene vectors (`GeneEncoder`, one per search space). Budgets are pymoo constraints.
-
-Algorithms, all held to the same number of real quality evaluations:
+The search knows three callables, as in Once-for-All: `quality(cfg)` (`quality.KLQuality`), `latency(cfg)` (a
+`LatencyPredictor`) and `size(cfg)` (bytes at the target precision). Sub-networks are integer gene vectors
+(`encoding.GeneEncoder`). Budgets are pymoo constraints. Algorithms, all held to the same number of real
+quality evaluations:
 - `nsga2`: pymoo NSGA-II, every candidate evaluated for real;
-- `linas`: LINAS (DyNAS-T): evaluate a population, fit a quality predictor on everything evaluated
-  so far, run an inner NSGA-II on the predictor for thousands of cheap evaluations, evaluate that
-  front for real, repeat;
+- `linas`: LINAS (DyNAS-T): evaluate a population, fit a quality predictor on everything evaluated so far, run an
+  inner NSGA-II on the predictor for thousands of cheap evaluations, evaluate that front for real, repeat;
 - `random`: distinct random sub-networks, the baseline.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import pickle
+import tempfile
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from .common import HwnasError
-from .selection import ITEMS as SELECT_ITEMS
-from .space import SearchSpace, SubnetConfig
+from .defaults import CALIBRATION_SOURCE, DEFAULT_MODEL, EVALUATIONS, POPULATION, SELECT, SELECT_METRIC
+from .encoding import GeneEncoder, config_features, shrunk_genes, shrunk_to
+from .loading import read_llama_config, resolve_model
+from .parallel import RayQuality
+from .predictor import LatencyPredictor
+from .pruning import layer_drop, least_influential, structured_seeds, width_uniform
+from .quality import quality_context
+from .search_report import write_outputs
+from .selection import ITEMS as SELECT_ITEMS, METRICS, check_metric, select as select_winner
+from .space import SubnetConfig
+from .supernet import Calibration, OrtInt8
+from .tables import model_signature
 
 log = logging.getLogger(__name__)
 ALGORITHMS = ("nsga2", "linas", "random")
-
-
-@dataclasses.dataclass(frozen=True)
-class GeneEncoder:
-    """Sub-network <-> integer genes: per layer a keep bit, an MLP-width index and a head-option index,
-    and with `mixed_precision` a fourth gene, 1 keeping the layer's down_proj fp32 (`SubnetConfig.fp32_down`).
-
-    Genes of dropped layers are ignored when decoding. A gene vector keeping fewer layers than the
-    space's minimum is repaired by keeping the lowest-index dropped layers.
-    """
-
-    space: SearchSpace
-    mixed_precision: bool = False
-
-    @property
-    def genes_per_layer(self) -> int:
-        return 4 if self.mixed_precision else 3
-
-    @property
-    def head_options(self) -> tuple[tuple[int, int], ...]:
-        """(query heads, KV heads) pairs a layer may take, smallest first."""
-        s = self.space
-        return tuple(sorted({(kv * q, kv) for kv in s.kv_head_choices for q in s.q_per_kv_choices}))
-
-    @property
-    def n_var(self) -> int:
-        return self.genes_per_layer * self.space.num_layers
-
-    @property
-    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
-        L = self.space.num_layers
-        upper = [1] * L + [len(self.space.mlp_choices) - 1] * L + [len(self.head_options) - 1] * L
-        upper += [1] * L if self.mixed_precision else []
-        return np.zeros(self.n_var, dtype=int), np.array(upper, dtype=int)
-
-    def encode(self, cfg: SubnetConfig) -> np.ndarray:
-        self.space.validate(cfg)
-        if cfg.fp32_down and not self.mixed_precision:
-            raise HwnasError("the sub-network keeps some down_proj fp32, but this search has no mixed precision "
-                             "(its latency table offers none)")
-        L, opts = self.space.num_layers, self.head_options
-        keep, down = np.zeros(L, dtype=int), np.zeros(L, dtype=int)
-        mlp = np.full(L, len(self.space.mlp_choices) - 1)
-        head = np.full(L, len(opts) - 1)
-        for layer, w, h, kv, fp32 in zip(cfg.layers, cfg.mlp, cfg.heads, cfg.kv_heads, cfg.fp32_down_mask):
-            keep[layer], down[layer] = 1, fp32
-            mlp[layer] = self.space.mlp_choices.index(w)
-            head[layer] = opts.index((h, kv))
-        return np.concatenate([keep, mlp, head] + ([down] if self.mixed_precision else []))
-
-    def decode(self, x: Sequence[float]) -> SubnetConfig:
-        L, opts = self.space.num_layers, self.head_options
-        x = np.asarray(np.round(x), dtype=int)
-        if x.shape != (self.n_var,):
-            raise HwnasError(f"gene vector has shape {x.shape}; expected ({self.n_var},)")
-        lo, hi = self.bounds
-        x = np.clip(x, lo, hi)
-        keep = [i for i in range(L) if x[i]]
-        for i in range(L):  # repair: keep the lowest-index dropped layers up to the minimum depth
-            if len(keep) >= self.space.min_layers:
-                break
-            if i not in keep:
-                keep = sorted(keep + [i])
-        mlp = tuple(self.space.mlp_choices[x[L + i]] for i in keep)
-        heads = tuple(opts[x[2 * L + i]] for i in keep)
-        down = tuple(int(x[3 * L + i]) for i in keep) if self.mixed_precision else ()
-        return SubnetConfig(L, tuple(keep), mlp, tuple(h for h, _ in heads), tuple(kv for _, kv in heads), down)
-
-
-class KLQuality:
-    """Mean KL(full || sub-network) of the next-token distributions on fixed calibration tokens.
-
-    The full model is the fp32 teacher; with `quant` (an `OrtInt8`) sub-networks run as deployed in int8.
-    """
-
-    def __init__(self, supernet: Any, input_ids: Any, *, batch_size: int = 4, quant: Any = None) -> None:
-        import torch
-
-        self.sn, self.ids, self.batch_size, self.quant = supernet, input_ids, batch_size, quant
-        supernet.set_max()
-        with torch.no_grad():
-            self.teacher = [torch.log_softmax(supernet(b).logits.float(), -1) for b in self._batches()]
-
-    def _batches(self):
-        return self.ids.split(self.batch_size)
-
-    def emulating(self, quant: Any) -> "KLQuality":
-        """This objective (same tokens and fp32 teacher), with sub-networks run under `quant`."""
-        import copy
-
-        q = copy.copy(self)
-        q.quant = quant
-        return q
-
-    def __call__(self, cfg: SubnetConfig) -> float:
-        import torch
-
-        self.sn.set_active(cfg, quant=self.quant)
-        total, n = 0.0, 0
-        with torch.no_grad():
-            for b, t in zip(self._batches(), self.teacher):
-                s = torch.log_softmax(self.sn(b).logits.float(), -1)
-                total += float((t.exp() * (t - s)).sum())
-                n += b.numel()
-        return total / n
 
 
 @dataclasses.dataclass
@@ -163,25 +69,8 @@ def check_budgets(encoder: GeneEncoder, obj: Objectives) -> None:
     if obj.latency_budget is not None and obj.latency_budget < lat:
         raise HwnasError(f"latency budget {obj.latency_budget:.3f} ms is below the smallest achievable, {lat:.3f} ms")
     if obj.size_budget is not None and obj.size_budget < size:
-        raise HwnasError(f"size budget {obj.size_budget / 1e6:.1f} MB is below the smallest achievable, {size / 1e6:.1f} MB")
-
-
-def pareto_mask(F: np.ndarray) -> np.ndarray:
-    """True for the rows of F (minimised) that no other row dominates."""
-    from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
-
-    mask = np.zeros(len(F), dtype=bool)
-    if len(F):
-        mask[NonDominatedSorting().do(F, only_non_dominated_front=True)] = True
-    return mask
-
-
-def hypervolume(F: np.ndarray, ref: np.ndarray) -> float:
-    """Hypervolume of the points of F (minimised) dominating `ref`."""
-    from pymoo.indicators.hv import HV
-
-    F = F[np.all(F <= ref, axis=1)]
-    return float(HV(ref_point=ref)(F)) if len(F) else 0.0
+        raise HwnasError(f"size budget {obj.size_budget / 1e6:.1f} MB is below the smallest achievable, "
+                         f"{size / 1e6:.1f} MB")
 
 
 # ------------------------------------------------------------------------------------- the loop
@@ -222,9 +111,7 @@ class Evaluator:
             if c not in self.done and c not in new and self.used + len(new) < self.budget:
                 new.append(c)
         for c, q in zip(new, self.map_quality(new)):
-            e = Evaluated(c, float(q), float(self.obj.latency(c)), float(self.obj.size(c)), generation)
-            self.done[c] = e
-            self.order.append(e)
+            self.add(Evaluated(c, float(q), float(self.obj.latency(c)), float(self.obj.size(c)), generation))
         F, G = [], []
         n_g = len(self.obj.constraints(0.0, 0.0))
         for c in cfgs:
@@ -237,54 +124,38 @@ class Evaluator:
                 G.append(self.obj.constraints(e.latency_ms, e.size_bytes))
         return np.array(F, dtype=float), np.array(G, dtype=float).reshape(len(cfgs), n_g)
 
+    def add(self, e: Evaluated) -> None:
+        self.done[e.config] = e
+        self.order.append(e)
+
     def feasible(self) -> list[Evaluated]:
         return [e for e in self.order if self.obj.meets(e)]
 
 
-def _problem(encoder: GeneEncoder, n_constr: int):
-    from pymoo.core.problem import Problem
-
-    lo, hi = encoder.bounds
-    return Problem(n_var=encoder.n_var, n_obj=3, n_ieq_constr=n_constr, xl=lo, xu=hi, vtype=int)
-
-
-def structured_seeds(encoder: GeneEncoder, obj: Objectives, layer_order: Sequence[int] | None) -> list[np.ndarray]:
-    """What structured pruning would pick under the latency budget, one per depth.
-
-    For k = 0, 1, ...: drop the k layers of lowest Block Influence (ShortGPT), then narrow every MLP to
-    the widest uniform width that fits (Minitron-style width pruning), until dropping layers alone fits.
-    Seeding the search with them means its front is never behind these baselines.
-    """
+def seed_genes(encoder: GeneEncoder, obj: Objectives, layer_order: Sequence[int] | None) -> list[np.ndarray]:
+    """`pruning.structured_seeds` under the latency budget, as genes (dropped layers' MLP genes at the seed's
+    width too). Seeding the search with them means its front is never behind these baselines."""
     if obj.latency_budget is None or not layer_order:
         return []
-    lo, hi = encoder.bounds
-    L, seeds = encoder.space.num_layers, []
-    full = encoder.encode(encoder.space.max_config())  # every down_proj int8 where precision is a gene
-    for k in range(L - encoder.space.min_layers + 1):
-        x = full.copy()
-        x[list(layer_order[:k])] = 0
-        for w in range(hi[L], lo[L] - 1, -1):
-            x[L:2 * L] = w
-            if obj.latency(encoder.decode(x)) <= obj.latency_budget:
-                seeds.append(x.copy())
-                break
-        if seeds and seeds[-1][L] == hi[L]:
-            break  # layer dropping alone fits: more dropped layers only lose quality
-    return seeds
+    L, out = encoder.space.num_layers, []
+    for cfg in structured_seeds(encoder.space, layer_order, latency=obj.latency, budget=obj.latency_budget):
+        x = encoder.encode(cfg)
+        x[L:2 * L] = encoder.space.mlp_choices.index(cfg.mlp[0])
+        out.append(x)
+    return out
 
 
 def initial_population(encoder: GeneEncoder, obj: Objectives, n: int, rng: np.random.Generator,
                        layer_order: Sequence[int] | None = None) -> np.ndarray:
     """Starting genes: structured-pruning seeds under the budget, then genes from the full model down to the smallest.
 
-    Uniformly random genes drop half the layers, where every sub-network of a dense model is poor (KL
-    above 5 on the default model), so a short search never reaches the region users want. Up to half
-    the population are `structured_seeds`; each other individual shrinks every gene by its own random
-    share of an intensity t (t = 0: the full model); with a budget, half of those take the t that puts
-    their predicted latency at 90-100% of it (bisection on the predictor, no quality evaluation), the
-    rest a uniform t, so the whole latency range stays covered.
+    Uniformly random genes drop half the layers, where every sub-network of a dense model is poor, so a short
+    search never reaches the region users want. Up to half the population are `seed_genes`; each other
+    individual shrinks every gene by its own random share of an intensity t (t = 0: the full model); with a
+    budget, half of those take the t that puts their predicted latency at 90-100% of it (`shrunk_to`, no
+    quality evaluation), the rest a uniform t, so the whole latency range stays covered.
     """
-    seeds = structured_seeds(encoder, obj, layer_order)
+    seeds = seed_genes(encoder, obj, layer_order)
     if len(seeds) > n // 2:
         seeds = [seeds[i] for i in np.unique(np.round(np.linspace(0, len(seeds) - 1, n // 2)).astype(int))]
     X = list(seeds)
@@ -298,56 +169,22 @@ def initial_population(encoder: GeneEncoder, obj: Objectives, n: int, rng: np.ra
     return np.stack(X)
 
 
-def shrunk_genes(encoder: GeneEncoder, u: np.ndarray, t: float) -> np.ndarray:
-    """Every gene moved from the full model's value towards the smallest by its share `u` of intensity `t`."""
-    lo, hi = encoder.bounds
-    return hi - np.round(t * u * (hi - lo)).astype(int)
-
-
-def shrunk_to(encoder: GeneEncoder, latency: Callable[[SubnetConfig], float], u: np.ndarray,
-              target: float) -> np.ndarray:
-    """`shrunk_genes` with the smallest intensity whose predicted latency is at most `target` (bisection)."""
-    a, b = 0.0, 1.0
-    for _ in range(16):  # latency falls as t grows
-        mid = (a + b) / 2
-        a, b = (mid, b) if latency(encoder.decode(shrunk_genes(encoder, u, mid))) > target else (a, mid)
-    return shrunk_genes(encoder, u, b)
-
-
-def _nsga2(pop_size: int, seed: int, problem: Any, initial: np.ndarray | None = None):
+def nsga2(pop_size: int, initial: np.ndarray | None = None) -> Any:
+    """pymoo NSGA-II on integer genes (SBX and polynomial mutation, rounded), duplicates eliminated."""
     from pymoo.algorithms.moo.nsga2 import NSGA2
     from pymoo.operators.crossover.sbx import SBX
     from pymoo.operators.mutation.pm import PM
     from pymoo.operators.repair.rounding import RoundingRepair
     from pymoo.operators.sampling.rnd import IntegerRandomSampling
-    from pymoo.core.termination import NoTermination
 
-    algo = NSGA2(pop_size=pop_size, sampling=IntegerRandomSampling() if initial is None else initial,
+    return NSGA2(pop_size=pop_size, sampling=IntegerRandomSampling() if initial is None else initial,
                  crossover=SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair()),
                  mutation=PM(eta=20, vtype=float, repair=RoundingRepair()), eliminate_duplicates=True)
-    algo.setup(problem, termination=NoTermination(), seed=seed)
-    return algo
-
-
-def config_features(encoder: GeneEncoder, cfg: SubnetConfig, lost: np.ndarray | None = None) -> np.ndarray:
-    """Per layer: kept, relative MLP width, relative head count and, with mixed precision, fp32 down_proj
-    (0 for dropped layers). With `lost` (`Supernet.importance_lost(cfg)`), also its rows and their sums
-    and sums of squares: what the sub-network cuts, in importance."""
-    L, s, n = encoder.space.num_layers, encoder.space, encoder.genes_per_layer
-    f = np.zeros((n, L))
-    for layer, w, h, fp32 in zip(cfg.layers, cfg.mlp, cfg.heads, cfg.fp32_down_mask):
-        f[:, layer] = (1.0, w / s.mlp_choices[-1], h / encoder.head_options[-1][0], float(fp32))[:n]
-    if lost is None:
-        return f.ravel()
-    return np.concatenate([f.ravel(), lost.ravel(), lost.sum(1), (lost ** 2).sum(1)])
 
 
 def fit_quality_predictor(X: np.ndarray, kl: np.ndarray, seed: int) -> Callable[[np.ndarray], np.ndarray]:
-    """LINAS's quality predictor: the mean of a gradient-boosting and a ridge regressor of log KL.
-
-    Each alone ranks held-out sub-networks worse than their mean (`benchmarks/search_efficiency.py
-    --parts predictor` measures it against the gene-features-only gradient boosting used before).
-    """
+    """LINAS's quality predictor: the mean of a gradient-boosting and a ridge regressor of log KL (each alone
+    ranks held-out sub-networks worse: `benchmarks/search_efficiency.py --parts predictor`)."""
     from sklearn.ensemble import GradientBoostingRegressor
     from sklearn.linear_model import RidgeCV
 
@@ -370,13 +207,10 @@ class LinasState:
 def linas_step(ev: Evaluator, state: LinasState, pop_size: int, inner_generations: int = 50,
                inner_pop: int = 100, lost: Callable[[SubnetConfig], np.ndarray | None] | None = None) -> int:
     """One LINAS iteration: the first evaluates the initial population; later ones fit a quality predictor
-    on everything evaluated, run NSGA-II on it, and evaluate up to `pop_size` new front members.
-
-    The predictor (`fit_quality_predictor`) sees `config_features` with what each sub-network cuts in
-    importance (`lost`, the supernet's `importance_lost`).
-    """
-    from pymoo.core.evaluator import Evaluator as PymooEvaluator
+    (`fit_quality_predictor` on `config_features` with what each sub-network cuts in importance, `lost`) on
+    everything evaluated, run NSGA-II on it, and evaluate up to `pop_size` new front members."""
     from pymoo.core.problem import Problem
+    from pymoo.optimize import minimize
 
     lo, hi = ev.encoder.bounds
     gen = state.iteration
@@ -406,11 +240,8 @@ def linas_step(ev: Evaluator, state: LinasState, pop_size: int, inner_generation
                 out["G"] = np.array([obj.constraints(a, b) for a, b in zip(lat, size)])
 
     inner = Surrogate(n_var=enc.n_var, n_obj=3, n_ieq_constr=n_g, xl=lo, xu=hi, vtype=int)
-    algo = _nsga2(inner_pop, int(state.rng.integers(1 << 31)), inner)
-    for _ in range(inner_generations):
-        pop = algo.ask()
-        PymooEvaluator().eval(inner, pop)
-        algo.tell(infills=pop)
+    algo = minimize(inner, nsga2(inner_pop), ("n_gen", inner_generations), seed=int(state.rng.integers(1 << 31)),
+                    copy_algorithm=False).algorithm
     front = algo.opt if algo.opt is not None and len(algo.opt) else algo.pop
     cands, seen = [], set()
     for x in front.get("X"):
@@ -418,8 +249,8 @@ def linas_step(ev: Evaluator, state: LinasState, pop_size: int, inner_generation
         if c not in ev.done and c not in seen:
             seen.add(c)
             cands.append((obj.latency(c), x))
-    # spread the picks along the predicted front, not its first members. Putting half of them where the
-    # predicted KL is lowest instead found no better sub-network under the budget and lost 40% hypervolume
+    # spread the picks along the predicted front, not its first members (putting half of them where the
+    # predicted KL is lowest found no better sub-network under the budget and lost hypervolume)
     cands.sort(key=lambda t: t[0])
     if len(cands) > pop_size:
         cands = [cands[i] for i in np.unique(np.round(np.linspace(0, len(cands) - 1, pop_size)).astype(int))]
@@ -440,34 +271,6 @@ def linas_step(ev: Evaluator, state: LinasState, pop_size: int, inner_generation
 
 
 # --------------------------------------------------------------------------------- the command
-HV_REFERENCE = "(KL = ln(vocab), latency = full model's, size = full model's), on (KL, latency, size)"
-
-
-def calibration_ids(tokenizer: Any, num_sequences: int, seq_len: int, source: str = "mixed") -> Any:
-    """Search-quality tokens: the importance order's calibration text (`source`: LAMBADA's calibration split and
-    CoQA, or the books alone) taken from each source's end, so they are not the passages the importance order
-    was computed on (taken from the start); never LAMBADA's test split."""
-    from .supernet import Calibration, calibration_batches
-
-    return calibration_batches(tokenizer, Calibration(num_sequences, seq_len, source), from_end=True)
-
-
-_CONTEXT: dict[tuple, tuple[Any, KLQuality]] = {}
-
-
-def quality_context(model: str, sequences: int, seq_len: int, source: str = "mixed") -> tuple[Any, KLQuality]:
-    """The supernet, its channels ordered on `source`'s calibration text, and its quality objective, built once
-    per process (searches in a row share them)."""
-    from .supernet import Calibration, Supernet
-
-    key = (str(model), sequences, seq_len, source)
-    if key not in _CONTEXT:
-        _CONTEXT.clear()  # one supernet in memory at a time
-        sn = Supernet.from_pretrained(model, calibration=Calibration(source=source))
-        _CONTEXT[key] = (sn, KLQuality(sn, calibration_ids(sn.tokenizer, sequences, seq_len, source)))
-    return _CONTEXT[key]
-
-
 @dataclasses.dataclass
 class Setup:
     """What a search (or a baseline, under the same budget) works with."""
@@ -481,26 +284,20 @@ class Setup:
 
 def setup(*, model: str, table: str, phase: str = "decode", latency_budget: float | None = None,
           latency_ratio: float | None = None, size_budget: float | None = None, sequences: int = 8,
-          seq_len: int = 128, calibration_source: str = "mixed") -> Setup:
+          seq_len: int = 128, calibration_source: str = CALIBRATION_SOURCE) -> Setup:
     """The supernet, gene encoder and objectives of `model` against `table`, budgets checked.
 
     Against an onnxruntime int8 table the quality is measured under int8 emulation, with each layer's
     down_proj precision a gene (the table measures both). Weight-only int8 (int8-wo, OpenVINO int8) costs
-    KL ~0.01, so against those tables the fp32 quality stands for the deployed one. `calibration_source`
+    little KL, so against those tables the fp32 quality stands for the deployed one. `calibration_source`
     (data.CALIBRATION_SOURCES) is the text that orders the channels and that the KL is measured on.
     """
-    from .loading import read_llama_config, resolve_model
-    from .latency import model_signature
-    from .predictor import LatencyPredictor
-
     config = read_llama_config(resolve_model(model))
     predictor = LatencyPredictor.load(table)
     predictor.table.check_model(model_signature(config))
     sn, quality = quality_context(model, sequences, seq_len, calibration_source)
     mixed = "down_proj" in predictor.table.mixed_precision
     if mixed:
-        from .supernet import OrtInt8
-
         quality = quality.emulating(OrtInt8.from_settings(predictor.table.header["quantization"]))
     encoder = GeneEncoder(sn.search_space, mixed_precision=mixed)
     lat = lambda c: predictor.latency_ms(c, phase)  # noqa: E731
@@ -511,12 +308,12 @@ def setup(*, model: str, table: str, phase: str = "decode", latency_budget: floa
     return Setup(sn, config, predictor, encoder, obj)
 
 
-def run_search(*, model: str = "smollm2-135m", table: str, algorithm: str = "nsga2", evaluations: int = 200,
-               population: int = 20, latency_budget: float | None = None, latency_ratio: float | None = None,
+def run_search(*, model: str = DEFAULT_MODEL, table: str, algorithm: str = "nsga2", evaluations: int = EVALUATIONS,
+               population: int = POPULATION, latency_budget: float | None = None, latency_ratio: float | None = None,
                size_budget: float | None = None, phase: str = "decode", seed: int = 0, workers: int = 1,
                ray_address: str | None = None, resume: bool = False, out: str, sequences: int = 8,
-               seq_len: int = 128, select: int = 6, select_metric: str = "choice-nll",
-               select_items: int = SELECT_ITEMS, calibration_source: str = "mixed",
+               seq_len: int = 128, select: int = SELECT, select_metric: str = SELECT_METRIC,
+               select_items: int = SELECT_ITEMS, calibration_source: str = CALIBRATION_SOURCE,
                progress: bool = True) -> dict[str, Any]:
     """Search sub-networks of `model` trading KL to the full model against `table`'s predicted latency and size.
 
@@ -524,9 +321,6 @@ def run_search(*, model: str = "smollm2-135m", table: str, algorithm: str = "nsg
     layer-drop and width-uniform baselines' networks (`baseline_rows`), by
     `select_metric` on `select_items` held-out items (0: the lowest-KL feasible sub-network, as the front ranks them).
     """
-    import pickle
-    from pathlib import Path
-
     from tqdm import tqdm
 
     if algorithm not in ALGORITHMS:
@@ -541,9 +335,6 @@ def run_search(*, model: str = "smollm2-135m", table: str, algorithm: str = "nsg
         raise HwnasError(f"workers must be at least 1, got {workers}")
     if select < 0 or select_items < 1:
         raise HwnasError(f"select must be >= 0 and select_items >= 1, got {select} and {select_items}")
-    from .selection import METRICS, check_metric
-    from .supernet import Calibration
-
     check_metric(select_metric)  # before the search, not after it
     out = Path(out)
     args = {"model": model, "table": str(Path(table).resolve()), "algorithm": algorithm, "evaluations": evaluations,
@@ -563,40 +354,36 @@ def run_search(*, model: str = "smollm2-135m", table: str, algorithm: str = "nsg
 
     sp = setup(model=model, table=table, phase=phase, latency_budget=latency_budget, latency_ratio=latency_ratio,
                size_budget=size_budget, sequences=sequences, seq_len=seq_len, calibration_source=calibration_source)
-    sn, config, predictor, encoder, obj = sp.supernet, sp.config, sp.predictor, sp.encoder, sp.objectives
-    lat, size, full = obj.latency, obj.size, sn.search_space.max_config()
-    ev = Evaluator(encoder, obj, evaluations, _ray_map(sn, obj.quality, workers, ray_address))
+    sn, encoder, obj = sp.supernet, sp.encoder, sp.objectives
+    full = sn.search_space.max_config()
+    parallel = workers > 1 or ray_address is not None  # else serial: no Ray
+    ev = Evaluator(encoder, obj, evaluations,
+                   RayQuality(sn, obj.quality, workers=workers, address=ray_address) if parallel else None)
     problem = _problem(encoder, len(obj.constraints(0.0, 0.0)))
     if saved:
         for d in saved["evaluations"]:
-            e = Evaluated(SubnetConfig.from_dict(d["config"]), d["quality"], d["latency_ms"], d["size_bytes"], d["generation"])
-            ev.done[e.config] = e
-            ev.order.append(e)
+            ev.add(Evaluated(SubnetConfig.from_dict(d["config"]), d["quality"], d["latency_ms"], d["size_bytes"],
+                             d["generation"]))
         algo, generation = saved["algo"], saved["generation"]
         if algorithm == "nsga2":
             algo.problem = problem
     else:
         generation = 0
         # least influential layers first (None before the importance calibration: random seeds only)
-        layer_order = None if sn.layer_importance is None else [int(i) for i in np.argsort(sn.layer_importance)]
+        layer_order = None if sn.layer_importance is None else least_influential(sn.layer_importance)
         if algorithm == "nsga2":
-            algo = _nsga2(population, seed, problem,
-                          initial_population(encoder, obj, population, np.random.default_rng(seed), layer_order))
+            from pymoo.core.termination import NoTermination
+
+            initial = initial_population(encoder, obj, population, np.random.default_rng(seed), layer_order)
+            algo = nsga2(population, initial).setup(problem, termination=NoTermination(), seed=seed)
         else:
             algo = LinasState(seed, layer_order if algorithm == "linas" else None)
     with tqdm(total=evaluations, initial=ev.used, desc=f"search {algorithm}", unit="eval", disable=not progress) as bar:
         while ev.used < evaluations:
             before = ev.used
             if algorithm == "nsga2":
-                pop = algo.ask()
-                if pop is None or len(pop) == 0:  # every offspring was a duplicate: bring in random immigrants
-                    from pymoo.core.population import Population
-
-                    lo, hi = encoder.bounds
-                    pop = Population.new("X", algo.random_state.integers(lo, hi + 1, size=(population, encoder.n_var)))
-                F, G = ev.evaluate(pop.get("X"), generation)
-                pop.set("F", F, "G", G) if G.shape[1] else pop.set("F", F)
-                algo.tell(infills=pop)
+                # ask/tell, not pymoo's minimize: the budget counts distinct evaluations; each generation is saved
+                nsga2_step(ev, algo, generation)
             elif algorithm == "linas":
                 linas_step(ev, algo, population, lost=sn.importance_lost)
             else:
@@ -612,27 +399,41 @@ def run_search(*, model: str = "smollm2-135m", table: str, algorithm: str = "nsg
                 bar.set_postfix_str(f"gen {generation} best KL {best.quality:.3f} at {best.latency_ms:.1f} ms")
     selected, feasible = None, ev.feasible()
     if select and (obj.latency_budget is not None or obj.size_budget is not None) and feasible:
-        from .selection import select as select_winner
-
         selected = select_winner(sn, feasible, k=select, items=select_items, metric=select_metric,
-                                 quant=obj.quality.quant, full_latency=lat(full), out=out / "selection.json",
+                                 quant=obj.quality.quant, full_latency=obj.latency(full), out=out / "selection.json",
                                  baselines=baseline_rows(ev, sp), progress=progress)["chosen"]
-    return write_outputs(out, ev, full_latency=lat(full), full_size=size(full), vocab=int(config["vocab_size"]),
-                         args=args, predictor=predictor,
+    return write_outputs(out, ev, full_latency=obj.latency(full), full_size=obj.size(full),
+                         vocab=int(sp.config["vocab_size"]), args=args, predictor=sp.predictor,
                          selected=None if selected is None else {**selected, "selected_by": METRICS[select_metric]})
+
+
+def nsga2_step(ev: Evaluator, algo: Any, generation: int) -> None:
+    """One NSGA-II generation: its offspring, or random immigrants where every offspring was a duplicate."""
+    from pymoo.core.population import Population
+
+    pop = algo.ask()
+    if pop is None or len(pop) == 0:
+        lo, hi = ev.encoder.bounds
+        pop = Population.new("X", algo.random_state.integers(lo, hi + 1, size=(algo.pop_size, ev.encoder.n_var)))
+    F, G = ev.evaluate(pop.get("X"), generation)
+    pop.set("F", F, "G", G) if G.shape[1] else pop.set("F", F)
+    algo.tell(infills=pop)
 
 
 def baseline_rows(ev: Evaluator, sp: Setup) -> list[Evaluated]:
     """The networks `hwnas baseline` builds under the same budget, layer-drop's and width-uniform's, where they
     meet every budget: as the search evaluated them, else evaluated now (outside its budget, generation -1)."""
-    from .baselines import layer_drop, width_uniform
-
+    obj, space = sp.objectives, sp.supernet.search_space
     if ev.obj.latency_budget is None:
         return []
     out: list[Evaluated] = []
-    for build in (layer_drop, lambda s: width_uniform(s)[0]):
+    builds = (lambda: layer_drop(space, least_influential(sp.supernet.layer_importance), latency=obj.latency,
+                                 budget=obj.latency_budget),
+              lambda: width_uniform(space, sp.encoder.head_options, latency=obj.latency, budget=obj.latency_budget,
+                                    quality=obj.quality)[0])
+    for build in builds:
         try:
-            cfg = build(sp)
+            cfg = build()
         except HwnasError:  # the method cannot reach the budget: nothing of its own to compare with
             continue
         e = ev.done.get(cfg) or Evaluated(cfg, float(ev.obj.quality(cfg)), float(ev.obj.latency(cfg)),
@@ -642,17 +443,22 @@ def baseline_rows(ev: Evaluator, sp: Setup) -> list[Evaluated]:
     return out
 
 
-def _checkpoint(path: Any, args: dict, ev: Evaluator, algo: Any, generation: int) -> None:
-    import os
-    import pickle
-    import tempfile
+def _problem(encoder: GeneEncoder, n_constr: int) -> Any:
+    from pymoo.core.problem import Problem
 
+    lo, hi = encoder.bounds
+    return Problem(n_var=encoder.n_var, n_obj=3, n_ieq_constr=n_constr, xl=lo, xu=hi, vtype=int)
+
+
+def _checkpoint(path: Path, args: dict, ev: Evaluator, algo: Any, generation: int) -> None:
+    """The run's state after a generation, replaced atomically (the pymoo problem is rebuilt on resume)."""
     problem = getattr(algo, "problem", None)
     if problem is not None:
-        algo.problem = None  # holds no state of its own; rebuilt on resume
+        algo.problem = None
     try:
         data = {"args": args, "generation": generation, "algo": algo,
-                "evaluations": [_row(e) for e in ev.order]}
+                "evaluations": [{"config": e.config.to_dict(), "quality": e.quality, "latency_ms": e.latency_ms,
+                                 "size_bytes": e.size_bytes, "generation": e.generation} for e in ev.order]}
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".state.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
@@ -661,88 +467,3 @@ def _checkpoint(path: Any, args: dict, ev: Evaluator, algo: Any, generation: int
     finally:
         if problem is not None:
             algo.problem = problem
-
-
-def _row(e: Evaluated) -> dict[str, Any]:
-    return {"config": e.config.to_dict(), "quality": e.quality, "latency_ms": e.latency_ms,
-            "size_bytes": e.size_bytes, "generation": e.generation}
-
-
-def _ray_map(sn: Any, quality: KLQuality, workers: int, address: str | None):
-    """Serial evaluation for one worker; otherwise Ray actors sharing the supernet's weights."""
-    if workers == 1 and address is None:
-        return None
-    from .parallel import RayQuality
-
-    return RayQuality(sn, quality, workers=workers, address=address)
-
-
-def write_outputs(out: Any, ev: Evaluator, *, full_latency: float, full_size: float, vocab: int,
-                  args: dict[str, Any], predictor: Any, selected: dict[str, Any] | None = None) -> dict[str, Any]:
-    """evaluations.csv, pareto.json, pareto.png and summary.json (with the front's hypervolume) in `out`.
-
-    `selected` (a `hwnas.selection` candidate) is recorded in pareto.json as the winner; without it the
-    winner is the front's lowest-KL member (the slowest member may not be: size counts too).
-    """
-    import csv
-    import io
-    import json
-    import math
-
-    from .common import atomic_write_json, atomic_write_text
-
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["index", "generation", "kl", "latency_ms", "size_bytes", "feasible", "layers", "config"])
-    feasible = {id(e) for e in ev.feasible()}
-    for i, e in enumerate(ev.order):
-        w.writerow([i, e.generation, repr(e.quality), repr(e.latency_ms), int(e.size_bytes),
-                    int(id(e) in feasible), e.config.depth, json.dumps(e.config.to_dict(), separators=(",", ":"))])
-    atomic_write_text(out / "evaluations.csv", buf.getvalue())
-    cands = ev.feasible()
-    F = np.array([e.objectives() for e in cands]).reshape(-1, 3)
-    front = sorted((e for e, m in zip(cands, pareto_mask(F)) if m), key=lambda e: e.latency_ms)
-    norm = np.array([1.0, 1.0 / full_latency, 1.0 / full_size])
-    ref = np.array([math.log(vocab), 1.0, 1.0])
-    hv = hypervolume(np.array([e.objectives() for e in front]).reshape(-1, 3) * norm, ref)
-    pareto = [{"kl": e.quality, "latency_ms": e.latency_ms, "latency_ratio": e.latency_ms / full_latency,
-               "size_bytes": int(e.size_bytes), "size_ratio": e.size_bytes / full_size, "layers": e.config.depth,
-               "config": e.config.to_dict()} for e in front]
-    best = min(pareto, key=lambda m: m["kl"], default=None)
-    if selected is not None:
-        best = {k: v for k, v in selected.items() if k != "key"}
-    # the configs index channels in the importance order of this calibration: export rebuilds it
-    atomic_write_json(out / "pareto.json", {"objectives": ["kl", "latency_ms", "size_bytes"], "phase": args["phase"],
-                                            "table": args["table"], "calibration": args["calibration"], "front": pareto,
-                                            **({"selected": best} if selected is not None else {})})
-    summary = {"args": args, "evaluations": ev.used, "feasible": len(cands), "front_size": len(front),
-               "hypervolume": hv, "hypervolume_reference": HV_REFERENCE, "normalised_by":
-               {"kl": 1.0, "latency_ms": full_latency, "size_bytes": full_size},
-               "full_model": {"kl": 0.0, "latency_ms": full_latency, "size_bytes": full_size},
-               "latency_budget_ms": ev.obj.latency_budget, "size_budget_bytes": ev.obj.size_budget,
-               "target": {"runtime": predictor.table.runtime, "precision": predictor.table.precision,
-                          "device": predictor.table.device_id}}
-    atomic_write_json(out / "summary.json", summary)
-    pareto_plot(ev, front, full_latency, out / "pareto.png", budget=ev.obj.latency_budget)
-    return {"out": str(out), "evaluations": ev.used, "front_size": len(front), "hypervolume": hv, "best": best}
-
-
-def pareto_plot(ev: Evaluator, front: list[Evaluated], full_latency: float, path: Any, *, budget: float | None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    ax.scatter([e.latency_ms for e in ev.order], [e.quality for e in ev.order], s=10, c="0.7", label="evaluated")
-    ax.plot([e.latency_ms for e in front], [e.quality for e in front], "o-", c="tab:red", ms=4, label="Pareto front")
-    ax.scatter([full_latency], [0.0], marker="*", s=160, c="k", label="full model", zorder=5)
-    if budget is not None:
-        ax.axvline(budget, ls="--", c="tab:blue", lw=1, label="latency budget")
-    ax.set(xlabel="predicted latency (ms)", ylabel="KL to the full model (nats/token)", title="hwnas search")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)

@@ -1,27 +1,6 @@
-"""Choosing the winner: the search's best sub-network of each depth under the budget, re-scored on held-out task loss.
-
-The search optimises KL to the full model: cheap and dense, but among sub-networks of nearly equal KL it
-ranks depth against width badly (on the default model, a width-pruned front member at KL 1.69 scored
-2.8 points below layer-drop at KL 1.72; see README, "Why"). So the last step looks past KL: it takes the
-lowest-KL feasible sub-network of each depth, the `k` best of those, and the networks that `hwnas baseline` builds
-under the same budget, layer-drop's and width-uniform's, so the winner is never one that the score ranks below
-theirs: a depth's lowest-KL member can hide them (on the default model at latency ratio 0.9 it was layer-drop's 26
-layers with three MLPs narrowed, KL 1.154 against 1.163, and `choice-nll` scores it worse than the plain 26
-layers, 6.164 against 6.093, as do the test tasks). It scores them, run as the search ran them (int8 emulated
-where it was), by one of:
-
-- `choice-nll` (default): the NLL of the right answer among the choices (a softmax over each choice's summed
-  log-likelihood) on validation questions of SciQ, OpenBookQA and Social IQA, tasks hwnas never reports.
-  On the 2026-12-01 comparison's 12 networks it ranked them as their test accuracy did with Kendall tau 0.88,
-  and it was the only proxy that sided with the test at latency ratio 0.7 (benchmarks/selection_proxies.py);
-- `lastword-nll`: the NLL of LAMBADA's last word on calibration-split passages (never the test split; the
-  middle of the split, which neither the importance order nor the KL tokens read); tau 0.85 there, cheaper.
-- `task-nll`: held-out items of the very tasks compare.py reports, the mean over the four of each one's NLL:
-  the answer NLL on the *last* validation questions of ARC-Easy, PIQA and HellaSwag (a report of the first
-  N items never scores them while N <= 570 - items) and `lastword-nll` for LAMBADA. The selection then aims
-  at the user's tasks, as LLaMA-NAS's search did (it searched on task accuracy), on a dev part kept apart.
-
-The winner is the lowest score. Scores are saved after each candidate, so a rerun resumes.
+"""Choosing the winner: the search's lowest-KL sub-network of each depth under the budget, and the networks that
+`hwnas baseline` builds under it, re-scored on held-out task loss (`METRICS`): among sub-networks of nearly equal KL,
+KL ranks depth against width badly. The lowest score wins; scores are saved per candidate, so a rerun resumes.
 """
 from __future__ import annotations
 
@@ -29,6 +8,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .common import HwnasError, atomic_write_json, read_json
+from .data import choice_questions, lambada_items, task_questions
+from .metrics import pad_batch
 from .space import SubnetConfig
 
 ITEMS = 150  # held-out questions (passages for LAMBADA) per task that the selection scores by default
@@ -40,8 +21,6 @@ METRICS = {"choice-nll": "multiple-choice NLL of the right answer, SciQ/OpenBook
 
 def heldout_passages(n: int) -> list[tuple[str, str]]:
     """`n` (context, last word) pairs from the middle of LAMBADA's calibration split."""
-    from .data import lambada_items
-
     items = lambada_items("calibration")
     if not 1 <= n <= len(items) // 2:
         raise HwnasError(f"selection passages must be in 1..{len(items) // 2}, got {n}")
@@ -70,8 +49,6 @@ class Continuations:
     def __call__(self, cfg: SubnetConfig) -> list[float]:
         import torch
         import torch.nn.functional as F
-
-        from .metrics import pad_batch
 
         self.sn.set_active(cfg, quant=self.quant)
         body, head = self.sn.model.model, self.sn.model.lm_head
@@ -115,8 +92,6 @@ class ChoiceNLL:
     answer among the choices; `scores` adds lm-eval-style acc and acc_norm (by the choice's characters)."""
 
     def __init__(self, supernet: Any, questions: int = ITEMS, *, source: str = "unreported", **kw: Any) -> None:
-        from .data import choice_questions, task_questions
-
         if source not in ("unreported", "reported"):
             raise HwnasError(f"question source must be 'unreported' or 'reported', got {source!r}")
         self.questions = (choice_questions if source == "unreported" else task_questions)(questions)

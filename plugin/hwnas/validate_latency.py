@@ -3,7 +3,7 @@
 `validate_latency` draws N sub-networks spread over the size range (seeded, disjoint from the
 tables' calibration sub-networks), builds each one as it will be deployed for every table given
 (extracted, exported with Optimum, quantized), and measures prefill and decode end to end with the
-protocol the tables' calibration used (`latency.e2e_timing`), in several passes over the whole set,
+protocol the tables' calibration used (`tables.e2e_timing`), in several passes over the whole set,
 every other one in reverse order. Several tables are validated in one run, their measurements
 interleaved per sub-network, so machine drift hits them alike. The measured latency is the median of
 the passes, as a table keeps the median of its rounds; the passes' disagreement is reported as the
@@ -28,10 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from . import runner
+from .blocks import deployed_inputs, measure_torch_model
 from .common import HwnasError, atomic_write_json, read_json
-from .latency import build_deployed, deployed_inputs, e2e_timing, measure_torch_model, model_signature, phase_key
+from .defaults import DEFAULT_MODEL
+from .deploy import build_deployed
+from .loading import read_llama_config, resolve_model
 from .predictor import LatencyPredictor, LatencyTable
 from .space import SearchSpace, SubnetConfig
+from .supernet import Supernet
+from .tables import e2e_timing, model_signature, phase_key
 
 log = logging.getLogger(__name__)
 VALIDATION_SEED = 1_000_000  # far from the calibration seeds (10_000 + i)
@@ -62,15 +67,12 @@ def _artifact_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.parent.iterdir() if f.suffix in (".onnx", ".onnx_data", ".bin", ".data"))
 
 
-def validate_latency(*, model: str = "smollm2-135m", tables: list[Path], samples: int = 30, seed: int = 0,
+def validate_latency(*, model: str = DEFAULT_MODEL, tables: list[Path], samples: int = 30, seed: int = 0,
                      out: Path, passes: int = 5, allow_foreign_table: bool = False, keep_artifacts: bool = False,
                      progress: bool = True) -> dict[str, Any]:
     """Validate each table's predictor against end-to-end measurements; writes `out/latency_validation.json`."""
     import torch
     from tqdm import tqdm
-
-    from .loading import read_llama_config, resolve_model
-    from .supernet import Supernet
 
     if samples < 3:
         raise HwnasError(f"samples must be at least 3 to rank sub-networks, got {samples}")
