@@ -18,6 +18,12 @@ Writes benchmarks/results/compare.{json,md,png}:
 
     .venv/bin/python benchmarks/compare.py                        (about an hour on 2 cores)
     .venv/bin/python benchmarks/compare.py --ratios 0.8 --limit 50    (a quick look)
+
+A gap smaller than the paired standard error (about 1.2 points at 300 items) is undecided. `--confirm A B --ratio
+R` takes two rows of a finished compare.json at ratio R, deploys them as above and evaluates both on the first
+--items items of each task (a superset of the comparison's), writing benchmarks/results/confirm_A_B_R.{json,md}:
+
+    .venv/bin/python benchmarks/compare.py --confirm hwnas layer-drop --ratio 0.7 --items 1500
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ import shlex
 import sys
 from pathlib import Path
 
-import hwnas  # noqa: F401  (keeps caches inside the project)
+import hwnas
 from hwnas.common import HwnasError, atomic_write_json, atomic_write_text, home, read_json
 from hwnas.data import CALIBRATION_SOURCES, report_limit
 from hwnas.loading import DEFAULT_MODEL, read_llama_config, resolve_model
@@ -38,14 +44,15 @@ from hwnas.lmeval import headline, paired_difference
 from hwnas.selection import ITEMS as SELECT_ITEMS, METRICS
 from hwnas.supernet import Calibration, recorded_calibration
 
+hwnas.point_library_caches()  # library caches stay inside the project
+
 BASELINES = ("layer-drop", "width-uniform", "random")
 
 
 def this_device_table(model: str) -> Path:
     """The shipped onnxruntime int8 table of `model` for this machine's device id."""
     from hwnas import runner
-    from hwnas.latency import model_label
-    from hwnas.pipeline import find_table
+    from hwnas.tables import find_table, model_label
 
     cpu = runner.cpu_info()
     device = runner.device_id(cpu, cpu["cores"])
@@ -64,7 +71,7 @@ def candidates(model: str, table: Path, ratios: list[float], front_ratios: list[
     `work` (built unless there)."""
     from hwnas.baselines import run_baseline
     from hwnas.export import export_checkpoint
-    from hwnas.pipeline import _choose
+    from hwnas.pipeline import choose
     from hwnas.search import run_search
 
     rows = [{"method": "full", "ratio": 1.0, "kl": 0.0, "predicted_ratio": 1.0, "checkpoint": str(resolve_model(model)),
@@ -76,7 +83,7 @@ def candidates(model: str, table: Path, ratios: list[float], front_ratios: list[
             run_search(model=model, table=str(table), algorithm="nsga2", evaluations=evaluations, population=population,
                        latency_ratio=r, seed=seed, resume=(search / "state.pkl").exists(), out=str(search),
                        select_metric=select_metric, calibration_source=calibration_source)
-        chosen = _choose(read_json(search / "pareto.json", "search front"), r)
+        chosen = choose(read_json(search / "pareto.json", "search front"), r)
         ckpt = d / "hwnas" / "checkpoint"
         if not ckpt.is_dir():
             export_checkpoint(model=model, subnet=search / "pareto.json", pick=chosen["index"], out=ckpt)
@@ -98,7 +105,7 @@ def key(row: dict) -> str:
 
 
 def deploy_all(rows: list[dict], work: Path) -> dict[str, Path]:
-    from hwnas.pipeline import deploy
+    from hwnas.deploy import deploy
 
     paths = {}
     for row in rows:
@@ -302,6 +309,84 @@ def plot(result: dict, path: Path) -> None:
     tmp.replace(path)
 
 
+def row_of(compare: dict, method: str, ratio: float) -> dict:
+    """The row of compare.json that holds `method`'s sub-network at `ratio`."""
+    rows = [r for r in compare["rows"] if r["method"] == method and abs(r["ratio"] - ratio) < 1e-9]
+    if not rows or rows[0]["config"] is None:
+        have = sorted({(r["method"], r["ratio"]) for r in compare["rows"] if r["config"] is not None})
+        raise HwnasError(f"compare.json has no sub-network of {method!r} at ratio {ratio}; it has {have}")
+    return rows[0]
+
+
+def confirm_checkpoint(model: str, row: dict, work: Path, calibration: Calibration) -> Path:
+    """The standalone checkpoint of `row`'s sub-network (built unless there), named by `key`, its channels in
+    `calibration`'s importance order."""
+    from hwnas.export import export_checkpoint
+    from hwnas.supernet import Supernet
+
+    ckpt = work / "checkpoints" / key(row)
+    if not ckpt.is_dir():
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(ckpt.with_suffix(".json"), row["config"])
+        export_checkpoint(model=model, subnet=ckpt.with_suffix(".json"), out=ckpt,
+                          supernet=Supernet.from_pretrained(model, calibration=calibration))
+    return ckpt
+
+
+def confirm(compare_json: Path, ratio: float, methods: list[str], tasks: list[str], items: int, work: Path,
+            out_dir: Path) -> dict:
+    """A closer look at one verdict: two sub-networks of a finished comparison at one ratio, deployed as the
+    comparison deployed them and evaluated on the first `items` items of each task (a superset of its items),
+    their difference taken item by item. Writes confirm_<a>_<b>_<ratio>.{json,md} into `out_dir`."""
+    if len(methods) != 2:
+        raise HwnasError(f"--confirm takes two methods to compare, got {methods}")
+    compare = read_json(compare_json, "comparison")
+    rows = [row_of(compare, m, ratio) for m in methods]
+    calibration = recorded_calibration(compare)
+    work = work / calibration.key()  # artifacts are named by config: one folder per channel order
+    rows = [{**r, "checkpoint": str(confirm_checkpoint(compare["model"], r, work, calibration))} for r in rows]
+    evals = evaluate_all(deploy_all(rows, work), tasks, items, work)
+    results = {}
+    for row in rows:
+        saved = evals[key(row)]
+        results[row["method"]] = {
+            "config": row["config"], "layers": len(row["config"]["layers"]), "tasks": saved["tasks"],
+            "accuracy": sum(headline(t)[0] for t in saved["tasks"].values()) / len(saved["tasks"]),
+            "accuracy_at_compare_limit": row["accuracy"]}
+    a, b = methods
+    diff, se = paired_difference(results[a], results[b])
+    at_compare = results[a]["accuracy_at_compare_limit"] - results[b]["accuracy_at_compare_limit"]
+    report = {"date": datetime.date.today().isoformat(), "command": "python " + shlex.join(sys.argv),
+              "compare": str(compare_json), "compare_limit": compare["limit"], "ratio": ratio, "limit": items,
+              "items": {t: r["n"] for t, r in results[a]["tasks"].items()},
+              "results": {m: {k: v for k, v in r.items() if k != "tasks"} | {"tasks": {
+                  t: {k: v for k, v in x.items() if k != "scores"} for t, x in r["tasks"].items()}}
+                  for m, r in results.items()},
+              "difference": diff, "difference_stderr": se, "difference_at_compare_limit": at_compare}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"confirm_{a}_{b}_{ratio:.2f}"
+    atomic_write_json(out_dir / f"{stem}.json", report)
+    atomic_write_text(out_dir / f"{stem}.md", confirm_markdown(report, a, b))
+    return report
+
+
+def confirm_markdown(r: dict, a: str, b: str) -> str:
+    tasks = list(r["items"])
+    lines = [f"{a} against {b} at latency ratio {r['ratio']:.2f}, onnxruntime int8, up to {r['limit']} items per task "
+             f"({r['date']}, `{r['command']}`)", "",
+             "| method | layers | " + " | ".join(f"{t} (n={r['items'][t]})" for t in tasks) + " | mean |",
+             "|---|---|" + "---|" * (len(tasks) + 1)]
+    for m in (a, b):
+        x = r["results"][m]
+        cells = [f"{headline(x['tasks'][t])[0] * 100:.1f} ± {headline(x['tasks'][t])[1] * 100:.1f}" for t in tasks]
+        lines.append(f"| {m} | {x['layers']} | " + " | ".join(cells) + f" | {x['accuracy'] * 100:.1f} |")
+    d, se = r["difference"], r["difference_stderr"]
+    lines += ["", f"{a} - {b}: {d * 100:+.1f} ± {se * 100:.1f} points (paired stderr, "
+              f"{abs(d) / se if se else math.inf:.1f} sigma); at compare.py's {r['compare_limit']} items "
+              f"per task it was {r['difference_at_compare_limit'] * 100:+.1f}.", ""]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL)
@@ -322,9 +407,29 @@ if __name__ == "__main__":
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds; the median rejects up to 3 disturbed ones")
-    p.add_argument("--work", type=Path, default=None, help="working folder (default .cache/hwnas/compare)")
+    p.add_argument("--work", type=Path, default=None, help="working folder (default .cache/hwnas/compare, "
+                   "with --confirm .cache/hwnas/confirm)")
     p.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
+    g = p.add_argument_group("a closer look at one verdict (instead of the comparison)")
+    g.add_argument("--confirm", nargs=2, metavar=("A", "B"), default=None,
+                   help="two methods of --compare-json: evaluate their sub-networks at --ratio again on --items items "
+                        "per task and report their paired difference (confirm_A_B_RATIO.{json,md})")
+    g.add_argument("--ratio", type=float, default=None, help="latency ratio of the two sub-networks (with --confirm)")
+    g.add_argument("--items", type=int, default=1500, help="items per task with --confirm, the first ones of each "
+                   "task's scored split (default 1500)")
+    g.add_argument("--compare-json", type=Path, default=Path("benchmarks/results/compare.json"),
+                   help="the comparison whose sub-networks --confirm takes (default benchmarks/results/compare.json)")
     a = p.parse_args()
-    main(a.model, a.table or this_device_table(a.model), a.ratios, a.front_ratios, a.tasks.split(","), a.limit,
-         a.evaluations, a.population, a.seed, a.new_tokens, a.repeats, a.rounds, a.work or home() / "compare", a.out_dir,
-         a.select_metric, a.calibration_source)
+    if a.confirm is not None or a.ratio is not None:
+        if a.confirm is None or a.ratio is None:
+            p.error("--confirm A B and --ratio R go together")
+        try:
+            rep = confirm(a.compare_json, a.ratio, a.confirm, a.tasks.split(","), a.items, a.work or home() / "confirm",
+                          a.out_dir)
+        except HwnasError as e:
+            sys.exit(f"error: {e}")
+        print(confirm_markdown(rep, *a.confirm))
+    else:
+        main(a.model, a.table or this_device_table(a.model), a.ratios, a.front_ratios, a.tasks.split(","), a.limit,
+             a.evaluations, a.population, a.seed, a.new_tokens, a.repeats, a.rounds, a.work or home() / "compare",
+             a.out_dir, a.select_metric, a.calibration_source)
