@@ -90,6 +90,20 @@ def _search(tiny_model, table, out, **kw):
     return run_search(**{**args, **kw})
 
 
+def _dying_after(monkeypatch, n):
+    """Make the n+1-th quality evaluation from now raise KeyboardInterrupt, as a kill would."""
+    calls, real = {"n": 0}, KLQuality.__call__
+
+    def dying(self, cfg):
+        calls["n"] += 1
+        if calls["n"] > n:
+            raise KeyboardInterrupt
+        return real(self, cfg)
+
+    monkeypatch.setattr(KLQuality, "__call__", dying)
+    return lambda: monkeypatch.setattr(KLQuality, "__call__", real)
+
+
 @pytest.mark.parametrize("algorithm", ["nsga2", "linas", "random"])
 def test_search_writes_its_outputs_within_budget(algorithm, tiny_model, tiny_tables, tmp_path):
     r = _search(tiny_model, tiny_tables["onnxruntime"], tmp_path, algorithm=algorithm, latency_ratio=0.9, select=0)
@@ -116,20 +130,11 @@ def test_search_is_deterministic_and_resumes_to_the_same_front(tiny_model, tiny_
     assert (tmp_path / "a" / "evaluations.csv").read_text() == (tmp_path / "b" / "evaluations.csv").read_text()
     assert whole["hypervolume"] == again["hypervolume"]
     # kill the search in its third generation, then resume it
-    calls = {"n": 0}
-    real = KLQuality.__call__
-
-    def dying(self, cfg):
-        calls["n"] += 1
-        if calls["n"] > 9:
-            raise KeyboardInterrupt
-        return real(self, cfg)
-
-    monkeypatch.setattr(KLQuality, "__call__", dying)
+    restore = _dying_after(monkeypatch, 9)
     with pytest.raises(KeyboardInterrupt):
         _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "c", seed=3)
-    monkeypatch.setattr(KLQuality, "__call__", real)
-    assert (tmp_path / "c" / "state.pkl").exists() and not (tmp_path / "c" / "pareto.json").exists()
+    restore()
+    assert (tmp_path / "c" / "state.json").exists() and not (tmp_path / "c" / "pareto.json").exists()
     with pytest.raises(HwnasError, match="pass --resume"):
         _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "c", seed=3)
     with pytest.raises(HwnasError, match="seed was 3, now 4"):
@@ -138,9 +143,40 @@ def test_search_is_deterministic_and_resumes_to_the_same_front(tiny_model, tiny_
                                          "'lambada-calibration-16x256'"):  # another channel order
         _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "c", seed=3, resume=True, calibration_source="lambada")
     _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "c", seed=3, resume=True)
-    a = json.loads((tmp_path / "a" / "pareto.json").read_text())["front"]
-    c = json.loads((tmp_path / "c" / "pareto.json").read_text())["front"]
-    assert a == c
+    for name in ("evaluations.csv", "pareto.json"):  # byte for byte
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "c" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("algorithm", ["nsga2", "linas", "random"])
+def test_search_killed_twice_under_a_budget_resumes_to_the_same_outputs(algorithm, tiny_model, tiny_tables, tmp_path,
+                                                                      monkeypatch):
+    kw = dict(algorithm=algorithm, seed=5, latency_ratio=0.8, select=0, evaluations=14)
+    _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "whole", **kw)
+    for kill in (6, 5):  # in its second generation, then in its third (after the resumed second)
+        restore = _dying_after(monkeypatch, kill)
+        with pytest.raises(KeyboardInterrupt):
+            _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "k", resume=True, **kw)
+        restore()
+    _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "k", resume=True, **kw)
+    for name in ("evaluations.csv", "pareto.json"):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "k" / name).read_bytes(), name
+
+
+def test_search_state_is_strict_json_with_the_population_and_generator(tiny_model, tiny_tables, tmp_path):
+    _search(tiny_model, tiny_tables["onnxruntime"], tmp_path, latency_ratio=0.8, select=0, evaluations=8)
+
+    def refuse(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    state = json.loads((tmp_path / "state.json").read_text(), parse_constant=refuse)
+    assert (state["kind"], state["format"]) == ("hwnas-search-state", 1)
+    assert len(state["evaluations"]) == 8 and state["args"]["evaluations"] == 8
+    algo = state["algorithm"]
+    assert algo["name"] == "nsga2" and algo["rng"]["bit_generator"] == "PCG64"
+    pop = algo["population"]
+    assert len(pop["X"]) == 4 and {len(pop[k]) for k in ("F", "G", "rank", "crowding")} == {4}
+    assert all(len(f) == 3 for f in pop["F"]) and all(len(g) == 1 for g in pop["G"])  # one budget: latency
+    assert not list(tmp_path.glob(".state*"))  # the atomic write's temp file is gone
 
 
 def test_search_rejects_bad_input(tiny_model, tiny_models, tiny_tables, tmp_path):

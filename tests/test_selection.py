@@ -198,4 +198,4 @@ def test_search_without_a_budget_or_with_select_0_keeps_the_lowest_kl(tiny_model
         _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "c", select=-1)
     with pytest.raises(HwnasError, match="selection metric 'acc' is not known; expected one of"):
         _search(tiny_model, tiny_tables["onnxruntime"], tmp_path / "d", select_metric="acc")
-    assert not (tmp_path / "d" / "state.pkl").exists()  # refused before searching
+    assert not (tmp_path / "d" / "state.json").exists()  # refused before searching

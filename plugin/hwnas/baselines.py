@@ -58,7 +58,7 @@ def run_baseline(*, method: str, model: str = DEFAULT_MODEL, table: str | Path, 
         # select=0: the lowest KL of the sample, as documented: no held-out re-scoring
         run_search(model=model, table=str(table), algorithm="random", evaluations=evaluations, population=population,
                    latency_budget=obj.latency_budget, phase=phase, seed=seed,
-                   resume=(out / "search" / "state.pkl").exists(), out=str(out / "search"), progress=progress,
+                   resume=(out / "search" / "state.json").exists(), out=str(out / "search"), progress=progress,
                    calibration_source=calibration_source, select=0)
         front = read_json(out / "search" / "pareto.json", "search front")["front"]  # feasible members only
         if not front:

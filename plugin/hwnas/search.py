@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import pickle
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -30,6 +27,7 @@ from .predictor import LatencyPredictor
 from .pruning import layer_drop, least_influential, structured_seeds, width_uniform
 from .quality import quality_context
 from .search_report import write_outputs
+from .search_state import LinasState, StateFile, nsga2_state
 from .selection import ITEMS as SELECT_ITEMS, METRICS, check_metric, select as select_winner
 from .space import SubnetConfig
 from .supernet import Calibration, OrtInt8
@@ -84,6 +82,11 @@ class Evaluated:
 
     def objectives(self) -> list[float]:
         return [self.quality, self.latency_ms, self.size_bytes]
+
+    def to_dict(self) -> dict[str, Any]:
+        """As the search state stores it; `Evaluated(**row)` reads back `StateFile.rows`."""
+        return {"config": self.config.to_dict(), "quality": self.quality, "latency_ms": self.latency_ms,
+                "size_bytes": self.size_bytes, "generation": self.generation}
 
 
 class Evaluator:
@@ -193,15 +196,6 @@ def fit_quality_predictor(X: np.ndarray, kl: np.ndarray, seed: int) -> Callable[
                                       random_state=seed).fit(X, y)
     ridge = RidgeCV(alphas=np.logspace(-3, 3, 13)).fit(X, y)
     return lambda F: (boost.predict(F) + ridge.predict(F)) / 2
-
-
-class LinasState:
-    """What a LINAS run carries between iterations (pickled with the run's state)."""
-
-    def __init__(self, seed: int, layer_order: Sequence[int] | None = None) -> None:
-        self.rng = np.random.default_rng(seed)
-        self.iteration = 0
-        self.layer_order = layer_order
 
 
 def linas_step(ev: Evaluator, state: LinasState, pop_size: int, inner_generations: int = 50,
@@ -341,16 +335,12 @@ def run_search(*, model: str = DEFAULT_MODEL, table: str, algorithm: str = "nsga
             "population": population, "latency_budget": latency_budget, "latency_ratio": latency_ratio,
             "size_budget": size_budget, "phase": phase, "seed": seed, "sequences": sequences, "seq_len": seq_len,
             "calibration": Calibration(source=calibration_source).key()}  # refuses an unknown source
-    state_path = out / "state.pkl"
-    if state_path.exists() and not resume:
+    state = StateFile(out)
+    state.refuse_pickle()
+    if state.exists() and not resume:
         raise HwnasError(f"{out} holds a search; pass --resume to continue it or choose another --out")
-    saved = None
-    if resume and state_path.exists():
-        with open(state_path, "rb") as f:
-            saved = pickle.load(f)
-        diff = {k: (saved["args"].get(k), v) for k, v in args.items() if saved["args"].get(k) != v}
-        if diff:
-            raise HwnasError("cannot resume: " + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+    saved = resume and state.exists()
+    generation = state.read(args) if saved else 0  # before the model loads: a bad file fails fast
 
     sp = setup(model=model, table=table, phase=phase, latency_budget=latency_budget, latency_ratio=latency_ratio,
                size_budget=size_budget, sequences=sequences, seq_len=seq_len, calibration_source=calibration_source)
@@ -359,25 +349,24 @@ def run_search(*, model: str = DEFAULT_MODEL, table: str, algorithm: str = "nsga
     parallel = workers > 1 or ray_address is not None  # else serial: no Ray
     ev = Evaluator(encoder, obj, evaluations,
                    RayQuality(sn, obj.quality, workers=workers, address=ray_address) if parallel else None)
-    problem = _problem(encoder, len(obj.constraints(0.0, 0.0)))
-    if saved:
-        for d in saved["evaluations"]:
-            ev.add(Evaluated(SubnetConfig.from_dict(d["config"]), d["quality"], d["latency_ms"], d["size_bytes"],
-                             d["generation"]))
-        algo, generation = saved["algo"], saved["generation"]
-        if algorithm == "nsga2":
-            algo.problem = problem
-    else:
-        generation = 0
-        # least influential layers first (None before the importance calibration: random seeds only)
-        layer_order = None if sn.layer_importance is None else least_influential(sn.layer_importance)
-        if algorithm == "nsga2":
-            from pymoo.core.termination import NoTermination
+    n_constr = len(obj.constraints(0.0, 0.0))
+    problem = _problem(encoder, n_constr)
+    # least influential layers first (None before the importance calibration: random seeds only)
+    layer_order = None if sn.layer_importance is None else least_influential(sn.layer_importance)
+    if algorithm == "nsga2":
+        from pymoo.core.termination import NoTermination
 
-            initial = initial_population(encoder, obj, population, np.random.default_rng(seed), layer_order)
-            algo = nsga2(population, initial).setup(problem, termination=NoTermination(), seed=seed)
+        initial = initial_population(encoder, obj, population, np.random.default_rng(seed), layer_order)
+        algo = nsga2(population, initial).setup(problem, termination=NoTermination(), seed=seed)
+    else:
+        algo = LinasState(seed, layer_order if algorithm == "linas" else None)
+    if saved:
+        for row in state.rows(encoder, evaluations):
+            ev.add(Evaluated(**row))
+        if algorithm == "nsga2":
+            state.restore_nsga2(algo, encoder, n_constr)
         else:
-            algo = LinasState(seed, layer_order if algorithm == "linas" else None)
+            algo = state.linas(sn.search_space.num_layers, seed)
     with tqdm(total=evaluations, initial=ev.used, desc=f"search {algorithm}", unit="eval", disable=not progress) as bar:
         while ev.used < evaluations:
             before = ev.used
@@ -392,7 +381,8 @@ def run_search(*, model: str = DEFAULT_MODEL, table: str, algorithm: str = "nsga
             generation += 1
             if ev.used == before and generation > 10 * evaluations:
                 break  # nothing new is being proposed: the search space is exhausted
-            _checkpoint(state_path, args, ev, algo, generation)
+            algo_state = nsga2_state(algo) if algorithm == "nsga2" else algo.to_dict(algorithm)
+            state.write(args=args, generation=generation, algorithm=algo_state, rows=[e.to_dict() for e in ev.order])
             bar.update(ev.used - before)
             best = min((e for e in ev.feasible()), key=lambda e: e.quality, default=None)
             if best:
@@ -448,22 +438,3 @@ def _problem(encoder: GeneEncoder, n_constr: int) -> Any:
 
     lo, hi = encoder.bounds
     return Problem(n_var=encoder.n_var, n_obj=3, n_ieq_constr=n_constr, xl=lo, xu=hi, vtype=int)
-
-
-def _checkpoint(path: Path, args: dict, ev: Evaluator, algo: Any, generation: int) -> None:
-    """The run's state after a generation, replaced atomically (the pymoo problem is rebuilt on resume)."""
-    problem = getattr(algo, "problem", None)
-    if problem is not None:
-        algo.problem = None
-    try:
-        data = {"args": args, "generation": generation, "algo": algo,
-                "evaluations": [{"config": e.config.to_dict(), "quality": e.quality, "latency_ms": e.latency_ms,
-                                 "size_bytes": e.size_bytes, "generation": e.generation} for e in ev.order]}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".state.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(data, f)
-        os.replace(tmp, path)
-    finally:
-        if problem is not None:
-            algo.problem = problem
