@@ -38,3 +38,63 @@ def test_calibration_text_mixes_books_and_coqa_by_sequence_and_reads_the_ends_ap
     assert Calibration(4, 64).key() != Calibration(4, 64, source="lambada").key() == "lambada-calibration-4x64"
     with pytest.raises(HwnasError, match="calibration source 'web' is not known"):
         Calibration(source="web")
+
+
+def test_training_corpus_shares_no_text_with_anything_hwnas_calibrates_selects_or_evaluates_on():
+    import re
+
+    from hwnas.data import TRAINING_CORPUS, held_out_texts, sentences, training_texts
+
+    corpus = training_texts()
+    assert corpus.name == TRAINING_CORPUS and len(corpus.texts) == len(set(corpus.texts)) > 10_000
+    assert sum(map(len, corpus.texts)) > 5_000_000  # about 1.5M tokens
+    held = held_out_texts()
+    sizes = {k: len(v) for k, v in held.items()}
+    assert sizes["lambada"] == 5153 and sizes["coqa"] == 499 and sizes["boolq"] == 3270 and sizes["mmlu"] > 14_000
+    assert {"sciq", "openbookqa", "social_iqa", "arc-easy", "arc-challenge", "piqa", "hellaswag", "winogrande"} < set(held)
+    # whole passages, then normalized sentences of 8+ words, then any 13-word span
+    exact = {t.strip() for v in held.values() for t in v}
+    assert not [t for t in corpus.texts if t.strip() in exact]
+    held_sentences = set().union(*(sentences(t) for v in held.values() for t in v))
+    assert not [t for t in corpus.texts if sentences(t) & held_sentences]
+    word = re.compile(r"[a-z0-9]+")
+    spans = set()
+    for t in corpus.texts:
+        w = word.findall(t.lower())
+        spans.update(hash(" ".join(w[i:i + 13])) for i in range(len(w) - 12))
+    shared = []
+    for name, texts in held.items():
+        for t in texts:
+            w = word.findall(t.lower())
+            if any(hash(" ".join(w[i:i + 13])) in spans for i in range(len(w) - 12)):
+                shared.append((name, t[:80]))
+    assert not shared, shared[:5]
+
+
+def test_training_text_files_and_packing(tiny_model, tmp_path):
+    import pytest
+    import torch
+    from transformers import AutoTokenizer
+
+    from hwnas import HwnasError
+    from hwnas.data import pack_tokens, training_texts
+
+    (tmp_path / "t.txt").write_text("The capital of France is Paris.\n\n\n  She smiled.  \n\nThe capital of France is Paris.\n")
+    text = training_texts(tmp_path / "t.txt")
+    assert text.texts == ("The capital of France is Paris.", "She smiled.") and text.name == "file:t.txt"
+    with pytest.raises(HwnasError, match="not found"):
+        training_texts(tmp_path / "missing.txt")
+    (tmp_path / "blank.txt").write_text("\n \n")
+    with pytest.raises(HwnasError, match="is empty"):
+        training_texts(tmp_path / "blank.txt")
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    texts = [f"The capital of France is Paris, page {i}." for i in range(40)]
+    rows = pack_tokens(tok, texts, 16)
+    flat = sum((tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts), [])
+    assert rows.shape == (len(flat) // 16, 16) and rows.flatten().tolist() == flat[:rows.numel()]
+    assert torch.equal(pack_tokens(tok, texts, 16, rows=3), rows[:3])
+    shuffled = pack_tokens(tok, texts, 16, seed=1)
+    assert torch.equal(shuffled, pack_tokens(tok, texts, 16, seed=1)) and not torch.equal(shuffled, rows)
+    assert sorted(map(tuple, shuffled.tolist())) == sorted(map(tuple, rows.tolist()))
+    with pytest.raises(HwnasError, match="less than one sequence"):
+        pack_tokens(tok, ["Paris."], 64)

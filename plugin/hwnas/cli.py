@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .common import HwnasError
+from . import defaults as D
+from .common import HwnasError, point_library_caches
 from .data import CALIBRATION_SOURCES
-from .loading import DEFAULT_MODEL
+from .defaults import DEFAULT_MODEL
 from .selection import ITEMS as SELECT_ITEMS, METRICS
 
 
@@ -52,7 +53,7 @@ def onnx(*, model: Path, out: Path, opset: int | None = None, overwrite: bool = 
                                   fused_attention=fused_attention)
 
 
-def generate(*, model: str = DEFAULT_MODEL, prompt: str = "The capital of France is", max_new_tokens: int = 20) -> dict[str, Any]:
+def generate(*, model: str = DEFAULT_MODEL, prompt: str = D.PROMPT, max_new_tokens: int = 20) -> dict[str, Any]:
     """Greedy generation from a full model or a sub-network checkpoint."""
     from .metrics import greedy_generate
     from .loading import load_model
@@ -116,7 +117,7 @@ def profile(
 
     `--recalibrate` measures only the existing table's whole calibration sub-networks again (the device's speed
     today) and refits its correction; the blocks stay."""
-    from .latency import profile as run_profile
+    from .profile import profile as run_profile
 
     return run_profile(model=model, runtime=runtime, precision=precision, device=device, threads=threads,
                        prefill=prefill, decode=decode, calibration=calibration, warmup=warmup, repeats=repeats,
@@ -154,8 +155,8 @@ def search(
     model: str = DEFAULT_MODEL,
     table: Path,
     algorithm: str = "nsga2",
-    evaluations: int = 200,
-    population: int = 20,
+    evaluations: int = D.EVALUATIONS,
+    population: int = D.POPULATION,
     latency_budget: float | None = None,
     latency_ratio: float | None = None,
     size_budget: float | None = None,
@@ -164,10 +165,10 @@ def search(
     workers: int = 1,
     ray_address: str | None = None,
     resume: bool = False,
-    select: int = 6,
-    select_metric: str = "choice-nll",
+    select: int = D.SELECT,
+    select_metric: str = D.SELECT_METRIC,
     select_items: int = SELECT_ITEMS,
-    calibration_source: str = "mixed",
+    calibration_source: str = D.CALIBRATION_SOURCE,
     out: Path,
 ) -> dict[str, Any]:
     """Multi-objective search: KL to the full model against predicted latency and size."""
@@ -181,8 +182,9 @@ def search(
 
 
 def baseline(*, method: str, model: str = DEFAULT_MODEL, table: Path, latency_ratio: float | None = None,
-             latency_budget: float | None = None, phase: str = "decode", evaluations: int = 60, population: int = 12,
-             seed: int = 0, calibration_source: str = "mixed", out: Path, overwrite: bool = False) -> dict[str, Any]:
+             latency_budget: float | None = None, phase: str = "decode", evaluations: int = D.BASELINE_EVALUATIONS,
+             population: int = D.BASELINE_POPULATION, seed: int = 0, calibration_source: str = D.CALIBRATION_SOURCE,
+             out: Path, overwrite: bool = False) -> dict[str, Any]:
     """A pruning baseline's sub-network (layer-drop, width-uniform or random) under the same latency target."""
     from .baselines import run_baseline
 
@@ -192,15 +194,50 @@ def baseline(*, method: str, model: str = DEFAULT_MODEL, table: Path, latency_ra
     return {k: r[k] for k in ("method", "layers", "kl", "latency_ms", "latency_ratio", "size_bytes", "checkpoint")}
 
 
-def run(*, model: str = DEFAULT_MODEL, runtime: str = "onnxruntime", precision: str | None = None, latency_ratio: float = 0.75,
-        budget: str = "quick", phase: str = "decode", table: Path | None = None, seed: int = 0, threads: int | None = None,
-        resume: bool = False, calibration_source: str = "mixed", out: Path) -> dict[str, Any]:
-    """The main job: search, export, quantize, benchmark and evaluate the best sub-network under a latency budget."""
+def run(*, model: str = DEFAULT_MODEL, runtime: str = "onnxruntime", precision: str | None = None,
+        latency_ratio: float = D.LATENCY_RATIO, budget: str = D.RUN_BUDGET, phase: str = "decode", table: Path | None = None, seed: int = 0, threads: int | None = None,
+        resume: bool = False, calibration_source: str = D.CALIBRATION_SOURCE, heal_tokens: int | None = None,
+        supernet: Path | None = None, heal_candidates: int = 0, out: Path) -> dict[str, Any]:
+    """The main job: search, export, heal, quantize, benchmark and evaluate the best sub-network under a latency budget."""
     from .pipeline import run as run_pipeline
 
     return run_pipeline(model=model, runtime=runtime, precision=precision, latency_ratio=latency_ratio, budget=budget,
                         phase=phase, table=table, seed=seed, threads=threads, resume=resume, out=out,
-                        calibration_source=calibration_source)
+                        calibration_source=calibration_source, heal_tokens=heal_tokens, supernet=supernet,
+                        heal_candidates=heal_candidates)
+
+
+def train_supernet(*, model: str = DEFAULT_MODEL, tokens: int, out: Path, resume: bool = False, mlp_step: int = 64,
+                   calibration_source: str = D.CALIBRATION_SOURCE, lr: float = 1e-4, seq_len: int = 256,
+                   batch_size: int = 8, micro_batch: int = 4, random_subnets: int = 2, train_text: Path | None = None,
+                   seed: int = 0, checkpoint_every: int = 25, minutes: float | None = None, bf16: bool | None = None,
+                   overwrite: bool = False) -> dict[str, Any] | None:
+    """Train the supernet once with the sandwich rule (InstaTune) and write it as a folder that `--model` takes."""
+    from .distill import distributed_state
+    from .instatune import train_supernet as run_training
+
+    result = run_training(model=model, tokens=tokens, out=out, resume=resume, mlp_step=mlp_step,
+                          calibration_source=calibration_source, lr=lr, seq_len=seq_len, batch_size=batch_size,
+                          micro_batch=micro_batch, random_subnets=random_subnets, train_text=train_text, seed=seed,
+                          checkpoint_every=checkpoint_every, minutes=minutes, bf16=bf16, overwrite=overwrite)
+    return result if distributed_state().is_main_process else None  # one report under `accelerate launch`
+
+
+def heal(*, model: Path, teacher: str = DEFAULT_MODEL, tokens: int, out: Path, minutes: float | None = None,
+         lora_rank: int = 0, resume: bool = False, temperature: float = 1.0, hard_weight: float = 0.0,
+         lr: float | None = None, seq_len: int = 256, batch_size: int = 8, micro_batch: int = 4,
+         train_text: Path | None = None, train_embeddings: bool = False, checkpoint_every: int = 25,
+         bf16: bool | None = None, seed: int = 0, overwrite: bool = False) -> dict[str, Any] | None:
+    """Distil a sub-network checkpoint from the model it was cut from (KL on logits) into a checkpoint of the same format."""
+    from .distill import distributed_state
+    from .heal import heal as run_heal
+
+    result = run_heal(model=model, teacher=teacher, tokens=tokens, out=out, minutes=minutes, lora_rank=lora_rank,
+                      resume=resume, temperature=temperature, hard_weight=hard_weight, lr=lr, seq_len=seq_len,
+                      batch_size=batch_size, micro_batch=micro_batch, train_text=train_text,
+                      train_embeddings=train_embeddings, checkpoint_every=checkpoint_every, bf16=bf16, seed=seed,
+                      overwrite=overwrite)
+    return result if distributed_state().is_main_process else None  # one report under `accelerate launch`
 
 
 def benchmark(
@@ -255,9 +292,10 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or local folder (default {DEFAULT_MODEL})")
 
     def calibration_source_arg(c: argparse.ArgumentParser) -> None:
-        c.add_argument("--calibration-source", default="mixed", choices=list(CALIBRATION_SOURCES),
+        c.add_argument("--calibration-source", default=D.CALIBRATION_SOURCE, choices=list(CALIBRATION_SOURCES),
                        help="text that orders the channels by importance and that the KL is measured on: "
-                            + "; ".join(f"{k}: {v}" for k, v in CALIBRATION_SOURCES.items()) + " (default mixed)")
+                            + "; ".join(f"{k}: {v}" for k, v in CALIBRATION_SOURCES.items())
+                            + f" (default {D.CALIBRATION_SOURCE})")
 
     c = cmd("space", space, "print the search space as JSON and its size")
     model_arg(c)
@@ -283,7 +321,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="write each attention layer as onnxruntime's GroupQueryAttention (faster; onnxruntime only)")
     c = cmd("generate", generate, "greedy generation from a model or sub-network checkpoint")
     model_arg(c)
-    c.add_argument("--prompt", default="The capital of France is")
+    c.add_argument("--prompt", default=D.PROMPT)
     c.add_argument("--max-new-tokens", type=int, default=20)
     c = cmd("perplexity", perplexity, "perplexity on held-out LAMBADA passages")
     model_arg(c)
@@ -339,8 +377,9 @@ def _parser() -> argparse.ArgumentParser:
     model_arg(c)
     c.add_argument("--table", type=Path, required=True, help="latency table of the target device/runtime/precision")
     c.add_argument("--algorithm", default="nsga2", choices=["nsga2", "linas", "random"])
-    c.add_argument("--evaluations", type=int, default=200, help="real quality evaluations (default 200)")
-    c.add_argument("--population", type=int, default=20)
+    c.add_argument("--evaluations", type=int, default=D.EVALUATIONS,
+                   help=f"real quality evaluations (default {D.EVALUATIONS})")
+    c.add_argument("--population", type=int, default=D.POPULATION)
     budget = c.add_mutually_exclusive_group()
     budget.add_argument("--latency-budget", type=float, default=None, help="predicted latency budget in ms")
     budget.add_argument("--latency-ratio", type=float, default=None, help="budget as a fraction of the full model's")
@@ -350,16 +389,16 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--workers", type=int, default=1, help="Ray workers on this machine (default 1: no Ray)")
     c.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
     c.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
-    c.add_argument("--select", type=int, default=6,
+    c.add_argument("--select", type=int, default=D.SELECT,
                    help="under a budget, choose the winner among the best sub-networks of this many depths and "
-                        "the layer-drop and width-uniform networks by --select-metric (default 6; 0: the lowest KL)")
-    c.add_argument("--select-metric", default="choice-nll", choices=list(METRICS),
+                        f"the layer-drop and width-uniform networks by --select-metric (default {D.SELECT}; 0: the lowest KL)")
+    c.add_argument("--select-metric", default=D.SELECT_METRIC, choices=list(METRICS),
                    help="choice-nll (default): answer NLL on held-out SciQ/OpenBookQA/Social IQA questions; "
                         "lastword-nll: LAMBADA last-word NLL on calibration passages (cheaper); "
                         "task-nll: held-out items of ARC-Easy, PIQA, HellaSwag (their last validation "
                         "questions) and LAMBADA (calibration passages)")
     c.add_argument("--select-items", type=int, default=SELECT_ITEMS,
-                   help="questions (passages for LAMBADA) per task for --select (default 150)")
+                   help=f"questions (passages for LAMBADA) per task for --select (default {SELECT_ITEMS})")
     calibration_source_arg(c)
     c.add_argument("--out", type=Path, required=True)
     c = cmd("baseline", baseline, "a pruning baseline under the same latency target as the search, as a checkpoint")
@@ -370,8 +409,9 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--latency-ratio", type=float, default=None, help="budget as a fraction of the full model's")
     budget.add_argument("--latency-budget", type=float, default=None, help="predicted latency budget in ms")
     c.add_argument("--phase", default="decode", choices=["prefill", "decode"])
-    c.add_argument("--evaluations", type=int, default=60, help="random: real quality evaluations (the search's budget)")
-    c.add_argument("--population", type=int, default=12, help="random: candidates drawn per round")
+    c.add_argument("--evaluations", type=int, default=D.BASELINE_EVALUATIONS,
+                   help="random: real quality evaluations (the search's budget)")
+    c.add_argument("--population", type=int, default=D.BASELINE_POPULATION, help="random: candidates drawn per round")
     c.add_argument("--seed", type=int, default=0)
     calibration_source_arg(c)
     c.add_argument("--out", type=Path, required=True)
@@ -381,16 +421,76 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--runtime", default="onnxruntime", choices=["torch", "onnxruntime", "openvino"])
     c.add_argument("--precision", default=None, choices=["fp32", "int8", "int8-wo", "int4"],
                    help="default: int8-wo for onnxruntime (weight-only, fused attention), int8 for openvino, fp32 for torch")
-    c.add_argument("--latency-ratio", type=float, default=0.75, help="latency budget as a fraction of the full model's")
-    c.add_argument("--budget", default="quick", choices=["quick", "full"], help="search and evaluation effort")
+    c.add_argument("--latency-ratio", type=float, default=D.LATENCY_RATIO,
+                   help="latency budget as a fraction of the full model's")
+    c.add_argument("--budget", default=D.RUN_BUDGET, choices=["quick", "full"], help="search and evaluation effort")
     c.add_argument("--phase", default="decode", choices=["prefill", "decode"], help="latency the budget applies to")
     c.add_argument("--table", type=Path, default=None, help="latency table (default: the shipped one for this device, "
                    "else profile it)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
     c.add_argument("--resume", action="store_true", help="continue a run in --out, reusing its finished steps")
+    c.add_argument("--heal-tokens", type=int, default=None,
+                   help="distillation tokens for the chosen sub-network before it is deployed (default: "
+                        + ", ".join(f"{v:,} for --budget {k}" for k, v in D.HEAL_TOKENS.items()) + "; 0: no healing)")
+    c.add_argument("--supernet", type=Path, default=None,
+                   help="search this `hwnas train-supernet` folder of --model instead of --model itself")
+    c.add_argument("--heal-candidates", type=int, default=0,
+                   help="K >= 2: heal the selection's K best candidates briefly (together half of --heal-tokens) and "
+                        "ship the best after healing (default 0: the selection's winner)")
     calibration_source_arg(c)
     c.add_argument("--out", type=Path, required=True)
+    c = cmd("train-supernet", train_supernet, "train the supernet once (sandwich rule, distilled from the model) "
+            "into a folder that search, baseline, export and run take as --model; runs under accelerate launch")
+    model_arg(c)
+    c.add_argument("--tokens", type=int, required=True, help="training tokens (whole batches of batch-size x seq-len)")
+    c.add_argument("--out", type=Path, required=True, help="the supernet folder (its checkpoint goes to OUT/checkpoint)")
+    c.add_argument("--resume", action="store_true", help="continue the training checkpointed in --out")
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    c.add_argument("--mlp-step", type=int, default=64, help="MLP width step of the search space (default 64)")
+    calibration_source_arg(c)
+    c.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate, cosine schedule (default 1e-4)")
+    c.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence (default 256)")
+    c.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step, all processes (default 8)")
+    c.add_argument("--micro-batch", type=int, default=4, help="sequences per forward pass (default 4)")
+    c.add_argument("--random-subnets", type=int, default=2,
+                   help="random sub-networks per step besides the largest and the smallest (default 2)")
+    c.add_argument("--train-text", type=Path, default=None,
+                   help="training text: plain text (blank-line paragraphs) or JSONL with a `text` field "
+                        "(default: SQuAD, DROP and Qasper passages, disjoint from every text hwnas evaluates on)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--checkpoint-every", type=int, default=25, help="optimizer steps between checkpoints (default 25)")
+    c.add_argument("--minutes", type=float, default=None,
+                   help="stop at a checkpoint after this many minutes; --resume continues")
+    c.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: where the CPU has AMX or AVX512-BF16, or the GPU bf16)")
+    c = cmd("heal", heal, "distil a sub-network checkpoint from the model it was cut from (KL on logits) into a "
+            "checkpoint of the same format; runs under accelerate launch")
+    c.add_argument("--model", type=Path, required=True, help="the sub-network checkpoint (hwnas export or baseline)")
+    c.add_argument("--teacher", default=DEFAULT_MODEL, help=f"the model it was cut from (default {DEFAULT_MODEL})")
+    c.add_argument("--tokens", type=int, required=True, help="training tokens (whole batches of batch-size x seq-len)")
+    c.add_argument("--out", type=Path, required=True, help="the healed checkpoint folder")
+    c.add_argument("--minutes", type=float, default=None,
+                   help="stop at a checkpoint after this many minutes and write what is healed; --resume continues")
+    c.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank, merged before "
+                   "saving (default 0: every weight but the embedding)")
+    c.add_argument("--resume", action="store_true", help="continue the heal checkpointed in OUT.heal-checkpoint")
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out and any unfinished heal")
+    c.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the KL (default 1)")
+    c.add_argument("--hard-weight", type=float, default=0.0, help="weight of the next-token loss (default 0)")
+    c.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate, cosine schedule (default "
+                   "2e-4, or 1e-3 with --lora-rank)")
+    c.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence (default 256)")
+    c.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step, all processes (default 8)")
+    c.add_argument("--micro-batch", type=int, default=4, help="sequences per forward pass (default 4)")
+    c.add_argument("--train-text", type=Path, default=None,
+                   help="training text: plain text (blank-line paragraphs) or JSONL with a `text` field "
+                        "(default: SQuAD, DROP and Qasper passages, disjoint from every text hwnas evaluates on)")
+    c.add_argument("--train-embeddings", action="store_true", help="train the (tied) embedding and LM head too")
+    c.add_argument("--checkpoint-every", type=int, default=25, help="optimizer steps between checkpoints (default 25)")
+    c.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: where the CPU has AMX or AVX512-BF16, or the GPU bf16)")
+    c.add_argument("--seed", type=int, default=0)
     c = cmd("benchmark", benchmark, "measure deployed models end to end (prefill, TTFT, decode, memory, size)")
     c.add_argument("--model", default=None, help=f"model name, folder or .onnx/.xml file (default {DEFAULT_MODEL})")
     c.add_argument("--compare", nargs="+", default=None, metavar="MODEL",
@@ -425,6 +525,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    point_library_caches()  # before any command imports datasets, matplotlib or OpenVINO
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="hwnas: %(message)s")
     kwargs = {k: v for k, v in vars(args).items() if k not in ("fn", "command", "verbose")}
@@ -436,7 +537,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hwnas: interrupted", file=sys.stderr)
         return 130
-    print(json.dumps(result, indent=2))
+    if result is not None:  # None: a non-main process under `accelerate launch`
+        print(json.dumps(result, indent=2))
     return 0
 
 

