@@ -87,7 +87,9 @@ def test_baseline_cli(tiny_model, width_table, pruning_budget, tmp_path, capsys)
     out = json.loads(capsys.readouterr().out)
     assert out["method"] == "layer-drop" and out["latency_ms"] <= pruning_budget
     # on the books alone, Block Influence is measured on other text: the layers dropped follow that order
-    from hwnas.supernet import BOOKS_CALIBRATION, Supernet
+    from hwnas.supernet import Calibration, Supernet
+
+    BOOKS_CALIBRATION = Calibration(source="lambada")
 
     assert main(["baseline", "--method", "layer-drop", "--model", str(tiny_model), "--table",
                  str(width_table), "--latency-budget", str(pruning_budget), "--calibration-source", "lambada",

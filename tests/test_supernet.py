@@ -1,5 +1,6 @@
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
@@ -192,7 +193,9 @@ def test_export_orders_channels_by_the_calibration_its_search_recorded(tiny_mode
     from safetensors.torch import load_file
 
     from hwnas.export import export_checkpoint
-    from hwnas.supernet import BOOKS_CALIBRATION, Calibration
+    from hwnas.supernet import Calibration
+
+    BOOKS_CALIBRATION = Calibration(source="lambada")
 
     assert Calibration.from_key(Calibration().key()) == Calibration()
     assert Calibration.from_key(BOOKS_CALIBRATION.key()) == BOOKS_CALIBRATION
@@ -203,8 +206,7 @@ def test_export_orders_channels_by_the_calibration_its_search_recorded(tiny_mode
     want = {n: {k: v.clone() for k, v in sn.extract(cfg).state_dict().items()} for n, sn in
             (("books", books), ("mixed", mixed))}
     assert any(not torch.equal(want["books"][k], want["mixed"][k]) for k in want["books"])  # the orders differ
-    for name, pareto in (("books", front),  # a search from before 2026-12-05 names none: books only
-                         ("books", {**front, "calibration": BOOKS_CALIBRATION.key()}),
+    for name, pareto in (("books", {**front, "calibration": BOOKS_CALIBRATION.key()}),
                          ("mixed", {**front, "calibration": Calibration().key()})):
         path = tmp_path / "pareto.json"
         path.write_text(json.dumps(pareto))
@@ -212,7 +214,10 @@ def test_export_orders_channels_by_the_calibration_its_search_recorded(tiny_mode
         got = load_file(tmp_path / "ckpt" / "model.safetensors")
         assert report["channel_order"] == (BOOKS_CALIBRATION if name == "books" else Calibration()).key()
         assert all(torch.equal(got[k], want[name][k]) for k in got), name
-    path.write_text(json.dumps(front))
+    path.write_text(json.dumps(front))  # a front that does not name its calibration is refused, not guessed
+    with pytest.raises(HwnasError, match="names no calibration"):
+        export_checkpoint(model=str(tiny_model), subnet=path, out=tmp_path / "x")
+    path.write_text(json.dumps({**front, "calibration": BOOKS_CALIBRATION.key()}))
     with pytest.raises(HwnasError, match="indexes channels ordered by lambada-calibration-16x256, the supernet given "
                                          "by lambada\\+coqa-calibration"):
         export_checkpoint(model=str(tiny_model), subnet=path, out=tmp_path / "x", supernet=mixed)
@@ -242,3 +247,68 @@ def test_supernet_on_cuda_in_half_precision(tiny_model):
         sub = sn.extract(cfg)
         assert sub.device.type == "cuda" and sub.dtype == torch.float16
         assert (sub(ids).logits - sn(ids).logits).abs().max() <= 1e-2
+
+
+# -- supernet folders (Supernet.save_pretrained) ---------------------------------------------------------------
+def _trained_copy(path) -> Supernet:
+    """A calibrated supernet whose weights moved away from the source model's (as training moves them)."""
+    sn = Supernet.from_pretrained(path)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in sn.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    return sn
+
+
+@pytest.mark.parametrize("variant", ["gqa", "bias"])
+def test_supernet_folder_reloads_as_saved_without_calibrating_again(variant, tiny_models, tmp_path, hwnas_home):
+    import json
+
+    from hwnas.supernet import SUPERNET_FILE, Calibration
+
+    BOOKS_CALIBRATION = Calibration(source="lambada")
+
+    sn = _trained_copy(tiny_models[variant])
+    sn.save_pretrained(tmp_path / "sn", tokens=123)
+    record = json.loads((tmp_path / "sn" / SUPERNET_FILE).read_text())
+    assert record["format"] == 1 and record["mlp_step"] == 64 and record["tokens"] == 123
+    assert record["search_space"] == sn.search_space.to_dict() and record["calibration"] == Calibration().key()
+    cached = sorted((hwnas_home / "importance").glob("*.json"))
+    # whatever calibration it is asked for, the folder keeps the order its weights are in
+    for calibration in (Calibration(), BOOKS_CALIBRATION, None):
+        again = Supernet.from_pretrained(tmp_path / "sn", calibration=calibration)
+        assert again.calibration == Calibration() and again.mlp_step == 64
+        assert again.layer_importance == pytest.approx(sn.layer_importance)
+        for cfg in configs(sn):
+            sn.set_active(cfg)
+            again.set_active(cfg)
+            assert torch.equal(sn(IDS).logits, again(IDS).logits)
+            assert np.allclose(sn.importance_lost(cfg), again.importance_lost(cfg))
+    assert sorted((hwnas_home / "importance").glob("*.json")) == cached  # nothing calibrated
+    # the weights are a plain Llama checkpoint of the full model
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "sn")
+    sn.set_max()
+    assert type(plain) is LlamaForCausalLM and torch.equal(plain(IDS).logits, sn(IDS).logits)
+
+
+def test_supernet_folder_of_another_search_space_is_refused(tiny_model, tmp_path):
+    import json
+
+    from hwnas.supernet import SUPERNET_FILE
+
+    sn = Supernet.from_pretrained(tiny_model)
+    sn.save_pretrained(tmp_path / "sn")
+    assert Supernet.from_pretrained(tmp_path / "sn", mlp_step=64).mlp_step == 64
+    with pytest.raises(HwnasError, match=r"trained for the search space of mlp_step 64 \(MLP widths \[64, 128, 192, "
+                                         r"256\]\); asked for mlp_step 128"):
+        Supernet.from_pretrained(tmp_path / "sn", mlp_step=128)
+    record = json.loads((tmp_path / "sn" / SUPERNET_FILE).read_text())
+    (tmp_path / "sn" / SUPERNET_FILE).write_text(json.dumps({**record, "format": 2}))
+    with pytest.raises(HwnasError, match="has format 2; expected 1"):
+        Supernet.from_pretrained(tmp_path / "sn")
+    (tmp_path / "sn" / SUPERNET_FILE).write_text(json.dumps({**record, "search_space": {**record["search_space"],
+                                                                                         "num_layers": 5}}))
+    with pytest.raises(HwnasError, match="the folder is inconsistent"):
+        Supernet.from_pretrained(tmp_path / "sn")
+    with pytest.raises(HwnasError, match="no importance scores to save"):
+        Supernet.from_pretrained(tiny_model, calibration=None).save_pretrained(tmp_path / "x")

@@ -2,7 +2,8 @@
 
 Activating a sub-network only changes which slices of the shared weights the forward pass uses
 (`ElasticLinear`), and which decoder layers run. Channels are ordered by importance beforehand,
-so every prefix slice keeps the most important units.
+so every prefix slice keeps the most important units. A trained supernet is saved as a folder
+(`Supernet.save_pretrained`) whose weights are already in that order, with its record (`SUPERNET_FILE`).
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ from .space import SearchSpace, SubnetConfig
 logger = logging.getLogger(__name__)
 
 Selection = slice | torch.Tensor | None
+
+SUPERNET_FILE = "hwnas_supernet.json"  # a supernet folder's record: search space, importance scores, training
+SUPERNET_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -152,14 +156,12 @@ class Calibration:
         return cls(int(m[2]), int(m[3]), "lambada" if m[1] == "lambada" else "mixed")
 
 
-# the importance order of every search before 2026-12-05, whose pareto.json does not name its calibration
-BOOKS_CALIBRATION = Calibration(source="lambada")
-
-
 def recorded_calibration(record: dict) -> Calibration:
-    """The calibration a search's pareto.json or a compare.json names (their configs index channels in its
-    order); books only for those written before 2026-12-05, which name none."""
-    return Calibration.from_key(record["calibration"]) if "calibration" in record else BOOKS_CALIBRATION
+    """The calibration a search's pareto.json or a compare.json names: their configs index channels in its order."""
+    if "calibration" not in record:
+        raise HwnasError("the record names no calibration, so the channels its configs index are unknown; expected "
+                         "a pareto.json or compare.json written by this hwnas (search again)")
+    return Calibration.from_key(record["calibration"])
 
 
 def calibration_batches(tokenizer: PreTrainedTokenizerBase, spec: Calibration, *, from_end: bool = False) -> torch.Tensor:
@@ -211,7 +213,7 @@ class Supernet(nn.Module):
     ) -> None:
         super().__init__()
         c = model.config
-        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.model, self.tokenizer, self.name, self.mlp_step = model, tokenizer, name, mlp_step
         self.base_config = copy.deepcopy(c)
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.search_space = SearchSpace.from_hf_config(c, mlp_step=mlp_step)
@@ -225,6 +227,7 @@ class Supernet(nn.Module):
         model.model.embed_tokens = ElasticEmbedding(model.model.embed_tokens)
         self.calibration: Calibration | None = None  # what ordered the channels (None: the checkpoint's order)
         self.layer_importance: list[float] | None = None  # Block Influence per layer, once calibrated
+        self.scores: dict[str, Any] | None = None  # the importance scores in the weights' order (see set_scores)
         self._cut: list[tuple[np.ndarray, np.ndarray]] | None = None  # per layer, see importance_lost
         self._active: SubnetConfig | None = None
         self._quant: OrtInt8 | None = None
@@ -239,19 +242,25 @@ class Supernet(nn.Module):
         dtype: str = "float32",
         device: str = "cpu",
         calibration: Calibration | None = Calibration(),
-        mlp_step: int = 64,
+        mlp_step: int | None = None,
     ) -> "Supernet":
         """Load a Llama folder (or the default by name) and order its channels by importance.
 
         The importance order is computed once per model and calibration setting, then cached
         under the hwnas folder, so every later load gives the same sub-networks.
-        `calibration=None` keeps the checkpoint's own order.
+        `calibration=None` keeps the checkpoint's own order. `mlp_step` defaults to 64.
+
+        A supernet folder (one `save_pretrained` wrote, with `SUPERNET_FILE`) is already in its importance
+        order: it loads with its recorded order, scores and calibration whatever `calibration` says (its
+        weights were trained in that order), and is refused if `mlp_step` asks for another search space.
         """
         from .loading import load_model, resolve_model
 
         path = resolve_model(name_or_path)
+        if (path / SUPERNET_FILE).is_file():
+            return cls._from_supernet_folder(path, str(name_or_path), dtype=dtype, device=device, mlp_step=mlp_step)
         model, tokenizer = load_model(path, dtype=dtype, device=device)
-        sn = cls(model, tokenizer, name=str(name_or_path), mlp_step=mlp_step)
+        sn = cls(model, tokenizer, name=str(name_or_path), mlp_step=64 if mlp_step is None else mlp_step)
         sn.calibration = calibration
         if calibration is not None:
             cache = home() / "importance" / f"{_fingerprint(path, calibration)}.json"
@@ -263,6 +272,48 @@ class Supernet(nn.Module):
                 order = sn.calibrate(calibration_batches(tokenizer, calibration))
                 atomic_write_json(cache, order)
         return sn
+
+    @classmethod
+    def _from_supernet_folder(cls, path: Path, name: str, *, dtype: str, device: str,
+                              mlp_step: int | None) -> "Supernet":
+        from .loading import load_model
+
+        record = read_supernet_record(path)
+        if mlp_step is not None and mlp_step != record["mlp_step"]:
+            raise HwnasError(f"{path} is a supernet trained for the search space of mlp_step {record['mlp_step']} "
+                             f"(MLP widths {record['search_space']['mlp_choices']}); asked for mlp_step {mlp_step}")
+        model, tokenizer = load_model(path, dtype=dtype, device=device)
+        sn = cls(model, tokenizer, name=name, mlp_step=record["mlp_step"])
+        if sn.search_space.to_dict() != record["search_space"]:
+            raise HwnasError(f"{path}: its config.json gives the search space {sn.search_space.to_dict()}, its "
+                             f"{SUPERNET_FILE} records {record['search_space']}; the folder is inconsistent")
+        sn.calibration = Calibration.from_key(record["calibration"])
+        sn.set_scores(record["importance"])
+        return sn
+
+    def save_pretrained(self, out: str | Path, **info: Any) -> Path:
+        """Write this supernet as a folder that `from_pretrained` loads as it is: the full model's weights (in
+        importance order), config and tokenizer, then `SUPERNET_FILE` (the search space, MLP step, calibration,
+        importance scores, the source model and `info`), last, so a folder with the record is complete."""
+        if self.scores is None or self.calibration is None:
+            raise HwnasError("this supernet has no importance scores to save; build it with a calibration "
+                             "(Supernet.from_pretrained(..., calibration=Calibration()))")
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / SUPERNET_FILE).unlink(missing_ok=True)  # the folder is incomplete until the new record is written
+        previous, quant = self.active_config, self.active_quant
+        self.set_max()
+        try:
+            self.model.save_pretrained(out, safe_serialization=True)
+        finally:
+            self.set_active(previous, quant=quant)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(out)
+        record = {"format": SUPERNET_FORMAT, "source": self.name, "search_space": self.search_space.to_dict(),
+                  "mlp_step": self.mlp_step, "calibration": self.calibration.key(),
+                  "importance": self.scores, **info}
+        atomic_write_json(out / SUPERNET_FILE, record)
+        return out
 
     # -- activation ---------------------------------------------------------------------------
     @property
@@ -480,20 +531,48 @@ class Supernet(nn.Module):
             _permute(a.o_proj, cols=q_rows)
             _permute(a.k_proj, rows=kv_rows)
             _permute(a.v_proj, rows=kv_rows)
-        self.layer_importance = list(order.get("block_influence") or []) or None
-        self._cut = None
+        scores = {"block_influence": order.get("block_influence")}
         if order.get("mlp_scores") and order.get("head_scores"):  # orders cached without scores lack them
+            for key, perms in (("mlp_scores", order["mlp"]), ("head_scores", order["heads"])):
+                scores[key] = [np.asarray(x)[perm].tolist() for x, perm in zip(order[key], perms)]  # weight order
+        self.set_scores(scores)
+
+    def set_scores(self, scores: dict[str, Any]) -> None:
+        """Take importance scores already in the weights' order (channel i of layer l scored `mlp_scores[l][i]`;
+        `head_scores` per query head, `block_influence` per layer), as a supernet folder records them."""
+        c = self.base_config
+        self.layer_importance = list(scores.get("block_influence") or []) or None
+        self._cut, self.scores = None, None
+        if scores.get("mlp_scores") and scores.get("head_scores"):
             group = c.num_attention_heads // c.num_key_value_heads
+            if len(scores["mlp_scores"]) != len(self.all_layers) or len(scores["head_scores"]) != len(self.all_layers):
+                raise HwnasError(f"importance scores are for {len(scores['mlp_scores'])} layers; this model has "
+                                 f"{len(self.all_layers)}")
             self._cut = []
-            scores = zip(order["mlp_scores"], order["head_scores"], order["mlp"], order["heads"])
-            for ms, hs, mlp_perm, head_perm in scores:
-                ms, hs = np.asarray(ms)[mlp_perm], np.asarray(hs)[head_perm].reshape(-1, group)  # in weight order
+            for ms, hs in zip(scores["mlp_scores"], scores["head_scores"]):
+                ms, hs = np.asarray(ms, dtype=float), np.asarray(hs, dtype=float).reshape(-1, group)
                 mlp_kept = np.concatenate([[0.0], ms.cumsum()])  # [channels]: score kept
                 head_kept = np.zeros((hs.shape[0] + 1, group + 1))  # [kv groups, heads per group]: score kept
                 head_kept[1:, 1:] = hs.cumsum(0).cumsum(1)
                 self._cut.append((1 - mlp_kept / max(mlp_kept[-1], 1e-30),
                                   1 - head_kept / max(head_kept[-1, -1], 1e-30)))
+            self.scores = {"mlp_scores": [list(map(float, x)) for x in scores["mlp_scores"]],
+                           "head_scores": [list(map(float, x)) for x in scores["head_scores"]],
+                           "block_influence": self.layer_importance}
         self.set_active(self.active_config, quant=self.active_quant)
+
+
+def read_supernet_record(path: str | Path) -> dict[str, Any]:
+    """The `SUPERNET_FILE` of supernet folder `path`, checked to hold what `Supernet.from_pretrained` needs."""
+    record = read_json(Path(path) / SUPERNET_FILE, "supernet record")
+    if not isinstance(record, dict) or record.get("format") != SUPERNET_FORMAT:
+        got = record.get("format") if isinstance(record, dict) else type(record).__name__
+        raise HwnasError(f"{path}/{SUPERNET_FILE} has format {got!r}; expected {SUPERNET_FORMAT}")
+    missing = [k for k in ("search_space", "mlp_step", "calibration", "importance") if k not in record]
+    if missing or not isinstance(record["importance"], dict) or record["calibration"] is None:
+        raise HwnasError(f"{path}/{SUPERNET_FILE} lacks {missing or ['importance scores or calibration']}; expected "
+                         "a record written by Supernet.save_pretrained")
+    return record
 
 
 def _permute(lin: nn.Linear, *, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
