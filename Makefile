@@ -31,7 +31,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 DEMO := runs/demo
 demo: venv
 	$(BIN)/hwnas run --precision int8-wo --budget quick --latency-ratio 0.75 --out $(DEMO) --resume
-	$(BIN)/hwnas generate --model $(DEMO)/subnet --prompt "The capital of France is"
+	$(BIN)/hwnas generate --model $(DEMO)/healed --prompt "The capital of France is"
 	@echo "report: $(DEMO)/report.md"
 
 test: venv

@@ -15,8 +15,8 @@ RANKS = {
     2: ["supernet", "metrics"],
     3: ["predictor", "quality", "selection", "distill"],
     4: ["encoding", "pruning", "parallel", "instatune"],
-    5: ["search", "search_report"],
-    6: ["fused", "export", "onnx_graph", "quantize_backends", "quantize", "deploy", "heal"],
+    5: ["search", "search_report", "search_state"],
+    6: ["fused", "export", "onnx_graph", "quantize_backends", "quantize", "deploy", "heal", "heal_select"],
     7: ["blocks", "profile", "recalibrate", "validate_latency", "benchmark", "lmeval", "baselines", "run_report"],
     8: ["pipeline", "cli"],
 }

@@ -25,7 +25,7 @@ def export_checkpoint(
     """Write sub-network `subnet` (a config JSON, or member `pick` of a pareto.json) of `model` to `out`, with its tokenizer.
 
     A config's channel indices follow an importance order: a pareto.json's is the calibration its search
-    recorded (books only for searches before 2026-12-05, which record none); a plain config's is `supernet`'s,
+    recorded; a plain config's is `supernet`'s,
     or the default calibration's.
     The folder appears in one rename when complete. Returns a report of parameters and size
     against the full model, also saved as `out/hwnas_export.json`.

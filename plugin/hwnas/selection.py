@@ -11,6 +11,7 @@ from .common import HwnasError, atomic_write_json, read_json
 from .data import choice_questions, lambada_items, task_questions
 from .metrics import pad_batch
 from .space import SubnetConfig
+from .supernet import ElasticLinear
 
 ITEMS = 150  # held-out questions (passages for LAMBADA) per task that the selection scores by default
 METRICS = {"choice-nll": "multiple-choice NLL of the right answer, SciQ/OpenBookQA/Social IQA validation (nats)",
@@ -52,8 +53,8 @@ class Continuations:
 
         self.sn.set_active(cfg, quant=self.quant)
         body, head = self.sn.model.model, self.sn.model.lm_head
-        w, b = head.active_weight()
-        if head.quant is not None:
+        w, b = head.active_weight() if isinstance(head, ElasticLinear) else (head.weight, head.bias)
+        if getattr(head, "quant", None) is not None:
             w = head.quant.weight(w)
         ll = torch.zeros(len(self.seqs), dtype=torch.float64)
         order = sorted(range(len(self.seqs)), key=lambda i: len(self.seqs[i]))
@@ -62,7 +63,7 @@ class Continuations:
                 idx = order[k:k + self.batch_size]
                 x, _ = pad_batch([self.seqs[i] for i in idx], self.pad)
                 h = body(input_ids=x).last_hidden_state
-                if head.quant is not None:  # the activation range of each whole sequence, as the full forward takes it
+                if getattr(head, "quant", None) is not None:  # the activation range of each whole sequence, as the full forward takes it
                     h = head.quant.activation(h)
                 rows, pos, tgt, owner = [], [], [], []
                 for r, i in enumerate(idx):
@@ -74,6 +75,19 @@ class Continuations:
                 logp = torch.log_softmax(F.linear(h[rows, pos], w, b).float(), -1)
                 ll.index_add_(0, torch.tensor(owner), logp[torch.arange(len(tgt)), torch.tensor(tgt)].double())
         return ll.tolist()
+
+
+class Standalone:
+    """A standalone checkpoint (a healed sub-network) behind the scorers' supernet interface: its one network is
+    the one `SubnetConfig` it was exported as, scored in its own precision (no int8 emulation)."""
+
+    def __init__(self, model: Any, tokenizer: Any, config: SubnetConfig) -> None:
+        self.model, self.tokenizer, self.base_config, self.config = model, tokenizer, model.config, config
+
+    def set_active(self, cfg: SubnetConfig, *, quant: Any = None) -> None:
+        if cfg != self.config or quant is not None:
+            raise HwnasError(f"a standalone checkpoint scores only its own network in its own precision, not {cfg}"
+                             + (" under int8 emulation" if quant is not None else ""))
 
 
 class LastWordNLL:
