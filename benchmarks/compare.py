@@ -24,6 +24,15 @@ R` takes two rows of a finished compare.json at ratio R, deploys them as above a
 --items items of each task (a superset of the comparison's), writing benchmarks/results/confirm_A_B_R.{json,md}:
 
     .venv/bin/python benchmarks/compare.py --confirm hwnas layer-drop --ratio 0.7 --items 1500
+
+`--heal-tokens N` compares at equal healing too: hwnas's networks (its front points included), layer-drop's and
+width-uniform's (--heal-methods: random too) are each healed by the same `hwnas heal` call (N tokens of the same
+text, the same settings) from the model they were cut from, then deployed and evaluated as above; the report puts
+each network's unhealed and healed accuracy side by side, with the paired standard error of healed hwnas minus each
+healed baseline. A healed network keeps its unhealed twin's shape, so it keeps its measured latency. `--supernet DIR`
+adds a row for the search over a `hwnas train-supernet` folder (`hwnas run --supernet`), healed the same way:
+
+    .venv/bin/python benchmarks/compare.py --heal-tokens 90000 --supernet runs/supernet
 """
 from __future__ import annotations
 
@@ -47,6 +56,8 @@ from hwnas.supernet import Calibration, recorded_calibration
 hwnas.point_library_caches()  # library caches stay inside the project
 
 BASELINES = ("layer-drop", "width-uniform", "random")
+SUPERNET = "hwnas-supernet"  # the search over a trained supernet folder (--supernet)
+HEAL_METHODS = ("hwnas", "layer-drop", "width-uniform")  # what --heal-tokens heals unless --heal-methods says
 
 
 def this_device_table(model: str) -> Path:
@@ -81,7 +92,7 @@ def candidates(model: str, table: Path, ratios: list[float], front_ratios: list[
         search = d / "hwnas" / "search"
         if not (search / "summary.json").exists():
             run_search(model=model, table=str(table), algorithm="nsga2", evaluations=evaluations, population=population,
-                       latency_ratio=r, seed=seed, resume=(search / "state.pkl").exists(), out=str(search),
+                       latency_ratio=r, seed=seed, resume=(search / "state.json").exists(), out=str(search),
                        select_metric=select_metric, calibration_source=calibration_source)
         chosen = choose(read_json(search / "pareto.json", "search front"), r)
         ckpt = d / "hwnas" / "checkpoint"
@@ -99,9 +110,66 @@ def candidates(model: str, table: Path, ratios: list[float], front_ratios: list[
     return rows
 
 
+def supernet_candidates(supernet: Path, table: Path, ratios: list[float], evaluations: int, population: int,
+                        seed: int, work: Path, select_metric: str, calibration_source: str) -> list[dict]:
+    """The search's winner over the trained supernet folder `supernet` at every ratio, searched and exported as
+    `hwnas run --supernet` does it, as checkpoints under `work` (one folder per supernet, named by its record)."""
+    from hwnas.export import export_checkpoint
+    from hwnas.pipeline import choose
+    from hwnas.search import run_search
+    from hwnas.supernet import SUPERNET_FILE
+
+    src = resolve_model(supernet)
+    if not (src / SUPERNET_FILE).is_file():
+        raise HwnasError(f"--supernet {supernet} has no {SUPERNET_FILE}; expected a `hwnas train-supernet` folder")
+    tag = hashlib.sha256(f"{src}\0{(src / SUPERNET_FILE).read_text()}".encode()).hexdigest()[:8]
+    rows = []
+    for r in sorted(ratios, reverse=True):
+        d = work / f"ratio-{r:.2f}" / f"supernet-{tag}"
+        search = d / "search"
+        if not (search / "summary.json").exists():
+            run_search(model=str(src), table=str(table), algorithm="nsga2", evaluations=evaluations,
+                       population=population, latency_ratio=r, seed=seed, resume=(search / "state.json").exists(),
+                       out=str(search), select_metric=select_metric, calibration_source=calibration_source)
+        chosen = choose(read_json(search / "pareto.json", "search front"), r)
+        if not (d / "checkpoint").is_dir():
+            export_checkpoint(model=str(src), subnet=search / "pareto.json", pick=chosen["index"], out=d / "checkpoint")
+        rows.append({"method": SUPERNET, "ratio": r, "kl": chosen["kl"], "predicted_ratio": chosen["latency_ratio"],
+                     "checkpoint": str(d / "checkpoint"), "config": chosen["config"], "source": str(src)})
+    return rows
+
+
 def key(row: dict) -> str:
-    """Identical sub-networks share their deployed artifact, evaluation and measurement."""
-    return hashlib.sha256(json.dumps(row["config"] or "full", sort_keys=True).encode()).hexdigest()[:12]
+    """Identical sub-networks share their deployed artifact, evaluation and measurement: the same config, cut from the
+    same model (a trained supernet's weights differ from the model's), healed the same way."""
+    what = [row["config"] or "full", *(row[k] for k in ("source", "heal") if row.get(k))]
+    return hashlib.sha256(json.dumps(what if len(what) > 1 else what[0], sort_keys=True).encode()).hexdigest()[:12]
+
+
+def heal_all(rows: list[dict], model: str, tokens: int, methods: list[str], text: Path | None,
+             work: Path) -> list[dict]:
+    """A healed twin of every sub-network of `methods`: each healed by the same `hwnas heal` call (`tokens` tokens of
+    `text`, default settings) from the model it was cut from, into work/healed (named by `key`)."""
+    from hwnas.data import training_texts
+    from hwnas.heal import REPORT_FILE, checkpoint_dir, heal
+
+    corpus = training_texts(text)
+    twins = []
+    for row in rows:
+        if row["config"] is None or row["method"] not in methods:
+            continue
+        twin = {**row, "heal": {"tokens": tokens, "corpus": corpus.name, "fingerprint": corpus.fingerprint},
+                "unhealed": key(row)}
+        ckpt = work / "healed" / key(twin)
+        if not (ckpt / REPORT_FILE).is_file():
+            print(f"healing {row['method']} @ {row['ratio']} on {tokens:,} tokens", file=sys.stderr, flush=True)
+            heal(model=row["checkpoint"], teacher=row.get("source") or model, tokens=tokens, out=ckpt, train_text=text,
+                 resume=checkpoint_dir(ckpt).exists(), overwrite=ckpt.exists())
+        report = read_json(ckpt / REPORT_FILE, "heal report")
+        twin.update(checkpoint=str(ckpt), heal_tokens_per_s=report["tokens_per_s"],
+                    heal_minutes=report["elapsed_s"] / 60)
+        twins.append(twin)
+    return twins
 
 
 def deploy_all(rows: list[dict], work: Path) -> dict[str, Path]:
@@ -112,7 +180,8 @@ def deploy_all(rows: list[dict], work: Path) -> dict[str, Path]:
         k = key(row)
         paths[k] = work / "deployed" / f"{k}-onnxruntime-int8"
         if not paths[k].is_dir():
-            print(f"deploying {row['method']} @ {row['ratio']} as onnxruntime int8", file=sys.stderr, flush=True)
+            print(f"deploying {row['method']}{' healed' if row.get('heal') else ''} @ {row['ratio']} as onnxruntime "
+                  "int8", file=sys.stderr, flush=True)
             try:
                 deploy(Path(row["checkpoint"]), "onnxruntime", "int8", paths[k], progress=True)
             except HwnasError as e:  # over quantize's KL threshold: the artifact is kept, and compared as it is
@@ -164,6 +233,34 @@ def dominators(point: dict, hw: list[dict], latency: str) -> list[dict]:
     return [h for h in hw if h["accuracy"] >= point["accuracy"] and h[latency] <= point[latency]]
 
 
+def add_figures(row: dict, paths: dict[str, Path], evals: dict[str, dict], bench: dict[str, dict], full: dict,
+                full_layers: int) -> None:
+    """A row's accuracy, latency and size. A healed network has its unhealed twin's shape, so it takes its latency."""
+    k = key(row)
+    e = bench[row.get("unhealed") or k]
+    row.update(artifact=str(paths[k]), layers=full_layers if row["config"] is None else len(row["config"]["layers"]),
+               tasks=evals[k]["tasks"], accuracy=evals[k]["mean_acc_norm_or_acc"], accuracy_stderr=mean_stderr(evals[k]),
+               decode_ms=e["decode_ms_per_token"]["median"], prefill_ms=e["prefill_ms"]["median"],
+               decode_spread=e["decode_ms_per_token"]["spread"], prefill_spread=e["prefill_ms"]["spread"],
+               decode_ratio=e["decode_ms_per_token"]["median"] / full["decode_ms_per_token"]["median"],
+               prefill_ratio=e["prefill_ms"]["median"] / full["prefill_ms"]["median"],
+               file_bytes=e["file_bytes"], size_ratio=e["file_bytes"] / full["file_bytes"],
+               peak_rss_bytes=e["peak_rss_bytes"],
+               int8_kl=read_json(paths[k] / "quantize.json", "quantize report")["quality"]["kl"])
+
+
+def supernet_verdicts(rows: list[dict]) -> list[str]:
+    """Per ratio: the search over the trained supernet against the search over the model itself (paired)."""
+    out = []
+    for s in (r for r in rows if r["method"] == SUPERNET):
+        mine = next(x for x in rows if x["method"] == "hwnas" and x["ratio"] == s["ratio"])
+        diff, se = paired_difference(s, mine)
+        out.append(f"ratio {s['ratio']:.2f}: {SUPERNET} {'>=' if diff >= 0 else '<'} hwnas by {diff * 100:+.1f} points "
+                   f"(±{se * 100:.1f} paired stderr), decode ratio {s['decode_ratio']:.2f} against "
+                   f"{mine['decode_ratio']:.2f}")
+    return out
+
+
 def verdicts(rows: list[dict]) -> list[str]:
     """Per ratio: does hwnas's accuracy reach every baseline's; is every baseline point dominated by a point of
     hwnas's front (any of its picks), in measured decode and in predicted decode. Then the fronts as a whole."""
@@ -195,7 +292,8 @@ def verdicts(rows: list[dict]) -> list[str]:
 
 def main(model: str, table: Path, ratios: list[float], front_ratios: list[float], tasks: list[str], limit: int | None,
          evaluations: int, population: int, seed: int, new_tokens: int, repeats: int, rounds: int, work: Path,
-         out_dir: Path, select_metric: str = "choice-nll", calibration_source: str = "mixed") -> dict:
+         out_dir: Path, select_metric: str = "choice-nll", calibration_source: str = "mixed", heal_tokens: int = 0,
+         heal_methods: list[str] | None = None, heal_text: Path | None = None, supernet: Path | None = None) -> dict:
     if select_metric == "task-nll" and (limit is None or limit > report_limit(SELECT_ITEMS)):
         sys.exit(f"--select-metric task-nll chooses on the last {SELECT_ITEMS} validation questions of each task: the "
                  f"report must score at most the first {report_limit(SELECT_ITEMS)} of each, got --limit {limit}")
@@ -208,26 +306,25 @@ def main(model: str, table: Path, ratios: list[float], front_ratios: list[float]
     if (work / "args.json").exists() and read_json(work / "args.json", "comparison arguments") != args:
         sys.exit(f"{work} holds a comparison made with {read_json(work / 'args.json')}, not {args}; choose another --work")
     atomic_write_json(work / "args.json", args)
+    heal_methods = list(heal_methods or (*HEAL_METHODS, *([SUPERNET] if supernet else [])))
+    if heal_tokens < 0 or (heal_tokens and "hwnas" not in heal_methods):
+        sys.exit(f"--heal-tokens must be 0 or positive ({heal_tokens}), and --heal-methods must include hwnas "
+                 f"({heal_methods}): the healed verdicts compare with it")
     rows = candidates(model, table, ratios, front_ratios, evaluations, population, seed, work, select_metric,
                       calibration_source)
-    paths = deploy_all(rows, work)
+    if supernet is not None:
+        rows += supernet_candidates(supernet, table, ratios, evaluations, population, seed, work, select_metric,
+                                    calibration_source)
+    twins = heal_all(rows, model, heal_tokens, heal_methods, heal_text, work) if heal_tokens else []
+    paths = deploy_all(rows + twins, work)
     evals = evaluate_all(paths, tasks, limit, work)
-    bench, report = measure_all(paths, new_tokens, repeats, rounds, work)
+    bench, report = measure_all({key(r): paths[key(r)] for r in rows}, new_tokens, repeats, rounds, work)
     full_key = key(rows[0])
     full_layers = read_llama_config(resolve_model(model))["num_hidden_layers"]
-    full = bench[full_key]
-    for row in rows:
-        k = key(row)
-        e = bench[k]
-        row.update(artifact=str(paths[k]), layers=full_layers if row["config"] is None else len(row["config"]["layers"]),
-                   tasks=evals[k]["tasks"], accuracy=evals[k]["mean_acc_norm_or_acc"], accuracy_stderr=mean_stderr(evals[k]),
-                   decode_ms=e["decode_ms_per_token"]["median"], prefill_ms=e["prefill_ms"]["median"],
-                   decode_spread=e["decode_ms_per_token"]["spread"], prefill_spread=e["prefill_ms"]["spread"],
-                   decode_ratio=e["decode_ms_per_token"]["median"] / full["decode_ms_per_token"]["median"],
-                   prefill_ratio=e["prefill_ms"]["median"] / full["prefill_ms"]["median"],
-                   file_bytes=e["file_bytes"], size_ratio=e["file_bytes"] / full["file_bytes"],
-                   peak_rss_bytes=e["peak_rss_bytes"],
-                   int8_kl=read_json(paths[k] / "quantize.json", "quantize report")["quality"]["kl"])
+    for row in rows + twins:
+        add_figures(row, paths, evals, bench, bench[full_key], full_layers)
+    for twin in twins:  # what healing gave each network, item by item
+        twin["gain"], twin["gain_stderr"] = paired_difference(twin, next(r for r in rows if key(r) == twin["unhealed"]))
     result = {"date": datetime.date.today().isoformat(),
               "command": "python benchmarks/compare.py " + shlex.join(sys.argv[1:]), "model": model,
               "table": str(table), "deployed_as": "onnxruntime int8 (hwnas quantize --method ort-int8)",
@@ -236,8 +333,15 @@ def main(model: str, table: Path, ratios: list[float], front_ratios: list[float]
               "device": report["device"],
               "settings": report["settings"],
               "lm_eval_version": evals[full_key]["lm_eval_version"], "rows": rows}
-    result["verdicts"] = verdicts(rows)
-    for row in rows:  # the item-by-item scores stay in the work folder's evaluations
+    result["verdicts"] = verdicts(rows) + supernet_verdicts(rows)
+    if twins:
+        first = twins[0]["heal"]
+        result["heal"] = {"tokens": heal_tokens, "corpus": first["corpus"], "corpus_fingerprint": first["fingerprint"],
+                          "methods": heal_methods, "settings": "hwnas heal defaults (full-parameter, KL on logits)",
+                          "latency": "each healed network's is its unhealed twin's (the same shape)"}
+        result["healed_rows"] = twins
+        result["healed_verdicts"] = verdicts(twins) + supernet_verdicts(twins)
+    for row in rows + twins:  # the item-by-item scores stay in the work folder's evaluations
         row["tasks"] = {t: {k: v for k, v in r.items() if k != "scores"} for t, r in row["tasks"].items()}
     atomic_write_json(out_dir / "compare.json", result)
     md = markdown(result)
@@ -277,7 +381,29 @@ def markdown(result: dict) -> str:
                      f"{r['prefill_ratio']:.2f} ({r['prefill_spread']:.0%}) | "
                      f"{r['file_bytes'] / 1e6:.0f} |")
     lines += ["", *[f"- {v}" for v in result["verdicts"]]]
+    if result.get("healed_rows"):
+        lines += ["", *healed_markdown(result)]
     return "\n".join(lines) + "\n"
+
+
+def healed_markdown(result: dict) -> list[str]:
+    """Each healed network beside its unhealed twin, and the verdicts at equal healing."""
+    h, tasks = result["heal"], result["tasks"]
+    unhealed = {(r["method"], r["ratio"]): r for r in result["rows"]}
+    lines = [f"## At equal healing: {h['tokens']:,} tokens of {h['corpus']} each", "",
+             f"Every network of {', '.join(h['methods'])} healed by the same `hwnas heal` call ({h['settings']}, "
+             "from the model it was cut from), then deployed and evaluated as above; its latency is its unhealed "
+             "twin's (the same shape). Gain: healed minus unhealed, ± the paired standard error.", "",
+             "| target | method | layers | unhealed mean | healed: " + " | ".join(tasks) + " | healed mean | gain | "
+             "decode ratio | int8 KL | heal min |", "|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|"]
+    for r in result["healed_rows"]:
+        before = unhealed[(r["method"], r["ratio"])]["accuracy"]
+        acc = [f"{headline(r['tasks'][t])[0] * 100:.1f}" for t in tasks]
+        lines.append(f"| {r['ratio']:.2f} | {r['method']} | {r['layers']} | {before * 100:.1f} | " + " | ".join(acc)
+                     + f" | **{r['accuracy'] * 100:.1f}** ± {r['accuracy_stderr'] * 100:.1f} | "
+                     f"{r['gain'] * 100:+.1f} ± {r['gain_stderr'] * 100:.1f} | {r['decode_ratio']:.2f} | "
+                     f"{r['int8_kl']:.3f} | {r['heal_minutes']:.1f} |")
+    return lines + ["", *[f"- healed: {v}" for v in result["healed_verdicts"]]]
 
 
 def plot(result: dict, path: Path) -> None:
@@ -288,20 +414,24 @@ def plot(result: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {"hwnas": ("o", "C3"), "layer-drop": ("s", "C0"), "width-uniform": ("^", "C2"), "random": ("x", "C7"),
-              "full": ("*", "k")}
+              SUPERNET: ("D", "C1"), "full": ("*", "k")}
+    healed = result.get("healed_rows", [])
     for m, (marker, color) in styles.items():
-        pts = sorted((r for r in result["rows"] if r["method"] == m), key=lambda r: r["decode_ms"])
-        if not pts:
-            continue
-        x, y = [r["decode_ms"] for r in pts], [r["accuracy"] * 100 for r in pts]
-        ax.errorbar(x, y, yerr=[r["accuracy_stderr"] * 100 for r in pts], marker=marker, color=color, label=m,
-                    linestyle="-" if m != "full" else "none", markersize=12 if m == "full" else 7, capsize=3,
-                    zorder=3 if m == "hwnas" else 2)  # on top where hwnas chose a baseline's network: both show
+        for rows, label in ((result["rows"], m), (healed, f"{m} healed")):
+            pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["decode_ms"])
+            if not pts:
+                continue
+            x, y = [r["decode_ms"] for r in pts], [r["accuracy"] * 100 for r in pts]
+            ax.errorbar(x, y, yerr=[r["accuracy_stderr"] * 100 for r in pts], marker=marker, color=color, label=label,
+                        linestyle="none" if m == "full" else "--" if rows is healed else "-",
+                        markersize=12 if m == "full" else 7, capsize=3, mfc="none" if rows is healed else color,
+                        zorder=3 if m == "hwnas" else 2)  # on top where hwnas chose a baseline's network: both show
     ax.set_xlabel("measured decode latency, ms/token (onnxruntime int8)")
     ax.set_ylabel("mean accuracy, % (" + ", ".join(result["tasks"]) + ")")
-    ax.set_title(f"{result['model']}: accuracy against measured latency ({result['date']})", fontsize=10)
+    healing = f", healed: {result['heal']['tokens']:,} tokens each" if healed else ""
+    ax.set_title(f"{result['model']}: accuracy against measured latency ({result['date']}{healing})", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8 if healed else None)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=120)
@@ -340,6 +470,9 @@ def confirm(compare_json: Path, ratio: float, methods: list[str], tasks: list[st
     their difference taken item by item. Writes confirm_<a>_<b>_<ratio>.{json,md} into `out_dir`."""
     if len(methods) != 2:
         raise HwnasError(f"--confirm takes two methods to compare, got {methods}")
+    if SUPERNET in methods:
+        raise HwnasError(f"--confirm re-exports sub-networks of the comparison's model; {SUPERNET}'s come from a "
+                         "supernet folder: compare two of hwnas, " + ", ".join(BASELINES))
     compare = read_json(compare_json, "comparison")
     rows = [row_of(compare, m, ratio) for m in methods]
     calibration = recorded_calibration(compare)
@@ -410,6 +543,15 @@ if __name__ == "__main__":
     p.add_argument("--work", type=Path, default=None, help="working folder (default .cache/hwnas/compare, "
                    "with --confirm .cache/hwnas/confirm)")
     p.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--heal-tokens", type=int, default=0,
+                   help="heal every network of --heal-methods on this many tokens (the same heal) and compare them "
+                        "healed too (default 0: no healing)")
+    p.add_argument("--heal-methods", nargs="+", default=None, choices=["hwnas", *BASELINES, SUPERNET],
+                   help="the methods whose networks are healed (default: hwnas layer-drop width-uniform, and "
+                        f"{SUPERNET} with --supernet)")
+    p.add_argument("--heal-text", type=Path, default=None, help="training text of the heal (default: heal's corpus)")
+    p.add_argument("--supernet", type=Path, default=None,
+                   help=f"a `hwnas train-supernet` folder of --model: adds the search over it as the {SUPERNET} row")
     g = p.add_argument_group("a closer look at one verdict (instead of the comparison)")
     g.add_argument("--confirm", nargs=2, metavar=("A", "B"), default=None,
                    help="two methods of --compare-json: evaluate their sub-networks at --ratio again on --items items "
@@ -432,4 +574,4 @@ if __name__ == "__main__":
     else:
         main(a.model, a.table or this_device_table(a.model), a.ratios, a.front_ratios, a.tasks.split(","), a.limit,
              a.evaluations, a.population, a.seed, a.new_tokens, a.repeats, a.rounds, a.work or home() / "compare",
-             a.out_dir, a.select_metric, a.calibration_source)
+             a.out_dir, a.select_metric, a.calibration_source, a.heal_tokens, a.heal_methods, a.heal_text, a.supernet)

