@@ -181,3 +181,33 @@ def tiny_int8_table(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) 
     out = tmp_path_factory.mktemp("int8_table") / "onnxruntime-int8.json"
     return Path(profile(model=str(tiny_model), runtime="onnxruntime", precision="int8", calibration=1, warmup=1,
                         repeats=3, prefill=[16], decode=[16], out=out, progress=False)["table"])
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny model's matrices are too small to share between threads: one thread runs them fastest."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def export_subnets():
+    """A function exporting each named sub-network config of a model as a checkpoint under a folder."""
+    return _export_subnets
+
+
+def _export_subnets(model: Path, folder: Path, configs: dict[str, dict]) -> dict[str, Path]:
+    import json
+
+    from hwnas.export import export_checkpoint
+
+    out = {}
+    for name, cfg in configs.items():
+        (folder / f"{name}.json").write_text(json.dumps(cfg))
+        export_checkpoint(model=str(model), subnet=folder / f"{name}.json", out=folder / name)
+        out[name] = folder / name
+    return out

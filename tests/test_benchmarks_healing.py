@@ -35,16 +35,8 @@ def text_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def subnets(tiny_model, tmp_path_factory) -> dict[str, Path]:
-    from hwnas.export import export_checkpoint
-
-    d = tmp_path_factory.mktemp("bench_subnets")
-    out = {}
-    for name, cfg in (("uniform", UNIFORM), ("narrow", NARROW)):
-        (d / f"{name}.json").write_text(json.dumps(cfg))
-        export_checkpoint(model=str(tiny_model), subnet=d / f"{name}.json", out=d / name)
-        out[name] = d / name
-    return out
+def subnets(tiny_model, tmp_path_factory, export_subnets) -> dict[str, Path]:
+    return export_subnets(tiny_model, tmp_path_factory.mktemp("bench_subnets"), {"uniform": UNIFORM, "narrow": NARROW})
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:

@@ -9,13 +9,7 @@ from hwnas import distill
 from hwnas.distill import TrainConfig, batch_rows, kd_loss, lr_at, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's matrices are too small to share between threads: one thread runs them fastest."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reference(s, t, T, labels=None, hard=0.0):

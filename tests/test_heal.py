@@ -14,26 +14,12 @@ MIXED = {"num_layers": 4, "layers": [0, 1, 3], "mlp": [256, 128, 192], "heads": 
 SMALL = dict(seq_len=32, batch_size=4, micro_batch=2, checkpoint_every=2, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's matrices are too small to share between threads: one thread runs them fastest."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def subnets(tiny_model, tmp_path_factory):
-    from hwnas.export import export_checkpoint
-
-    d = tmp_path_factory.mktemp("heal_subnets")
-    out = {}
-    for name, cfg in (("uniform", UNIFORM), ("mixed", MIXED)):
-        (d / f"{name}.json").write_text(json.dumps(cfg))
-        export_checkpoint(model=str(tiny_model), subnet=d / f"{name}.json", out=d / name)
-        out[name] = d / name
-    return out
+def subnets(tiny_model, tmp_path_factory, export_subnets):
+    return export_subnets(tiny_model, tmp_path_factory.mktemp("heal_subnets"), {"uniform": UNIFORM, "mixed": MIXED})
 
 
 @pytest.fixture(scope="module")
