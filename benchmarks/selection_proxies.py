@@ -62,7 +62,8 @@ def main(compare_json: Path, items: int, work: Path, out_dir: Path) -> dict:
     from hwnas.predictor import LatencyTable
     from hwnas.selection import ChoiceNLL, TaskNLL
     from hwnas.space import SubnetConfig
-    from hwnas.supernet import OrtInt8, Supernet, recorded_calibration
+    from hwnas.elastic import OrtInt8
+    from hwnas.supernet import Supernet, recorded_calibration
 
     compare = read_json(compare_json, "comparison")
     table = Path(compare["table"])

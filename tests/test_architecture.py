@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "plugin" / "hwnas"
 RANKS = {
     0: ["common", "defaults", "space", "runner"],
     1: ["data", "modeling", "loading", "tables", "quantize_settings", "tasks", "tasks.loaders"],
-    2: ["supernet", "metrics"],
+    2: ["elastic", "supernet", "metrics"],
     3: ["predictor", "quality", "selection", "distill"],
     4: ["encoding", "pruning", "parallel", "instatune"],
     5: ["search", "search_report", "search_state"],

@@ -37,7 +37,7 @@ def test_last_word_nll_matches_one_passage_at_a_time(tiny_model):
 def test_choice_nll_matches_one_question_at_a_time_under_int8_emulation(tiny_model):
     import numpy as np
 
-    from hwnas.supernet import OrtInt8
+    from hwnas.elastic import OrtInt8
 
     sn = Supernet.from_pretrained(tiny_model)
     cfg = sn.search_space.sample(seed=2)

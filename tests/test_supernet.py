@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from hwnas import HwnasError, HwnasLlamaForCausalLM, Supernet, SubnetConfig
 from hwnas.loading import load_model
-from hwnas.supernet import ElasticLinear
+from hwnas.elastic import ElasticLinear
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 31, 64, 128, 11, 2]])
 

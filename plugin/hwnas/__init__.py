@@ -16,7 +16,8 @@ from .space import SearchSpace, SubnetConfig
 
 try:
     from .modeling import HwnasLlamaConfig, HwnasLlamaForCausalLM  # registers the Auto classes
-    from .supernet import Calibration, OrtInt8, Supernet
+    from .elastic import OrtInt8
+    from .supernet import Calibration, Supernet
 except ImportError as e:  # an edge device with only numpy and a runtime: `python -m hwnas.runner` still works
     if e.name not in ("torch", "transformers"):
         raise

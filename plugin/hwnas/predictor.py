@@ -165,7 +165,7 @@ class LatencyPredictor:
     def bytes(self, cfg: SubnetConfig, precision: str | None = None) -> int:
         """Weight bytes of `cfg` deployed at the table's runtime and `precision` (default: the table's)."""
         h = self.table.header
-        # a tied head that the quantizer gave its own weight (quantize.untie_lm_head) is stored twice; the table's
+        # a tied head that the quantizer gave its own weight (onnx_graph.untie_lm_head) is stored twice; the table's
         # deployment settings describe its own precision only
         q = h.get("quantization", {}) if precision in (None, h["precision"]) else {}
         tied = h.get("tie_word_embeddings", False) and not q.get("untie_lm_head", False)

@@ -30,7 +30,8 @@ from .search_report import write_outputs
 from .search_state import LinasState, StateFile, nsga2_state
 from .selection import ITEMS as SELECT_ITEMS, METRICS, check_metric, select as select_winner
 from .space import SubnetConfig
-from .supernet import Calibration, OrtInt8
+from .elastic import OrtInt8
+from .supernet import Calibration
 from .tables import model_signature
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from .common import HwnasError, atomic_write_json, read_json
 from .data import choice_questions, lambada_items, task_questions
 from .metrics import pad_batch
 from .space import SubnetConfig
-from .supernet import ElasticLinear
+from .elastic import ElasticLinear
 
 ITEMS = 150  # held-out questions (passages for LAMBADA) per task that the selection scores by default
 METRICS = {"choice-nll": "multiple-choice NLL of the right answer, SciQ/OpenBookQA/Social IQA validation (nats)",
