@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "plugin" / "hwnas"
 
 # Pipeline order: a module imports only modules of its own rank or lower (and never in a cycle).
 RANKS = {
-    0: ["common", "defaults", "space", "runner"],
+    0: ["common", "defaults", "progress", "space", "runner"],
     1: ["data", "modeling", "loading", "tables", "quantize_settings", "tasks", "tasks.loaders"],
     2: ["elastic", "supernet", "metrics"],
     3: ["predictor", "quality", "selection", "distill"],
@@ -21,7 +21,7 @@ RANKS = {
     8: ["pipeline", "cli"],
 }
 RANK = {m: r for r, mods in RANKS.items() for m in mods}
-TORCH_FREE = ["runner", "common", "defaults", "space", "tables", "quantize_settings"]  # run on edge devices with only numpy and a runtime
+TORCH_FREE = ["runner", "common", "defaults", "progress", "space", "tables", "quantize_settings"]  # run on edge devices with only numpy and a runtime
 
 
 def modules() -> dict[str, Path]:

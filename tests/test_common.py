@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,74 @@ def test_openvino_telemetry_stays_inside_the_hwnas_folder():
 
     point_library_caches()
     assert Path(OptInChecker.consent_file_base_dir()).is_relative_to(home())
+
+
+def test_output_lock_refuses_a_second_run_and_is_taken_over_after_a_kill(tmp_path):
+    import subprocess
+    import sys
+
+    from hwnas.common import output_lock
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom hwnas.common import output_lock\n"
+                               f"with output_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(60)"],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(HwnasError, match=f"{out} is being written by another hwnas run \\(pid {holder.pid}"):
+            with output_lock(out):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with output_lock(out) as lock:  # the killed run's lock file is still there: the OS released its lock
+        assert lock.read_text().startswith(f"pid {os.getpid()}")
+    assert not lock.exists()
+
+
+def test_a_killed_runs_temporaries_are_removed_by_the_next_write(tmp_path):
+    import socket
+
+    from hwnas.common import atomic_dir, atomic_write_text, prepare_output
+
+    dead = 2 ** 22 + 12345  # above Linux's default pid_max: no such process
+    host = socket.gethostname()
+    stale_dir = tmp_path / f".out.hwnas-{host}-{dead}-abc.tmp"
+    stale_dir.mkdir()
+    (stale_dir / "weights").write_text("half")
+    stale_file = tmp_path / f".f.json.hwnas-{host}-{dead}-abc.tmp"
+    stale_file.write_text("{")
+    live = tmp_path / f".out.hwnas-{host}-{os.getpid()}-xyz.tmp"  # a live run's (this one's) is kept
+    live.mkdir()
+    atomic_write_text(tmp_path / "f.json", "{}")
+    assert not stale_file.exists() and stale_dir.exists()
+    with atomic_dir(tmp_path / "out") as d:
+        (d / "a").write_text("1")
+    assert not stale_dir.exists() and live.exists()
+    prepare_output(tmp_path / "out", overwrite=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_outputs_get_the_users_umask_and_refuse_read_only_or_foreign_targets(tmp_path, monkeypatch):
+    from hwnas.common import atomic_dir, atomic_write_text, prepare_output
+
+    old = os.umask(0o022)
+    try:
+        f = atomic_write_text(tmp_path / "f.txt", "x")
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "a").write_text("1")
+    finally:
+        os.umask(old)
+    assert f.stat().st_mode & 0o777 == 0o644 and (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+    with pytest.raises(HwnasError, match="f.txt is an existing file; pass --overwrite"):
+        prepare_output(f, overwrite=False)
+    with pytest.raises(HwnasError, match="is an existing non-empty folder; pass --overwrite"):
+        prepare_output(tmp_path / "d", overwrite=False)
+    assert prepare_output(tmp_path / "d", overwrite=False, own=True) == tmp_path / "d"
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    monkeypatch.setattr("hwnas.common.os.access", lambda p, mode: Path(p) != ro)  # as a non-root user sees it
+    with pytest.raises(HwnasError, match="is not writable"):
+        with atomic_dir(ro):
+            pass
+    assert ro.stat().st_mode & 0o777 == 0o555

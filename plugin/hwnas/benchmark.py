@@ -414,7 +414,7 @@ def benchmark(models: list[str | os.PathLike], *, runtime: str | None = None, la
 
     Returns the report (also written to `out` as JSON, with its Markdown table beside it as .md).
     """
-    from tqdm import tqdm
+    from .progress import tqdm
 
     if not models:
         raise HwnasError("give at least one model to benchmark")

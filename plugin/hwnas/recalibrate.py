@@ -37,7 +37,7 @@ ROUNDS = 7
 def recalibrate(*, table: Path, model: str, progress: bool = True) -> dict[str, Any]:
     """Measure `table`'s calibration sub-networks again here and replace its calibration; returns a summary."""
     import torch
-    from tqdm import tqdm
+    from .progress import tqdm
 
     table = Path(table)
     t = LatencyTable.load(table)

@@ -319,7 +319,7 @@ def run(root: str | os.PathLike, *, threads: int | None = None, device: str = "c
 
 def _progress(total: int, initial: int, enabled: bool) -> Callable[[str | None], None]:
     try:
-        from tqdm import tqdm
+        from .progress import tqdm
     except ImportError:
         tqdm = None
     if tqdm is not None:

@@ -18,10 +18,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .common import HwnasError
+from .common import HwnasError, prepare_output
 from .defaults import CALIBRATION_SOURCE, DEFAULT_MODEL, EVALUATIONS, POPULATION, SELECT, SELECT_METRIC
 from .encoding import GeneEncoder, config_features, shrunk_genes, shrunk_to
-from .loading import read_llama_config, resolve_model
+from .loading import model_key, read_llama_config, resolve_model
 from .parallel import RayQuality
 from .predictor import LatencyPredictor
 from .pruning import layer_drop, least_influential, structured_seeds, width_uniform
@@ -309,14 +309,14 @@ def run_search(*, model: str = DEFAULT_MODEL, table: str, algorithm: str = "nsga
                ray_address: str | None = None, resume: bool = False, out: str, sequences: int = 8,
                seq_len: int = 128, select: int = SELECT, select_metric: str = SELECT_METRIC,
                select_items: int = SELECT_ITEMS, calibration_source: str = CALIBRATION_SOURCE,
-               progress: bool = True) -> dict[str, Any]:
+               progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Search sub-networks of `model` trading KL to the full model against `table`'s predicted latency and size.
 
     Under a budget, the winner is then chosen by `hwnas.selection` among the `select` best depths and the
     layer-drop and width-uniform baselines' networks (`baseline_rows`), by
     `select_metric` on `select_items` held-out items (0: the lowest-KL feasible sub-network, as the front ranks them).
     """
-    from tqdm import tqdm
+    from .progress import tqdm
 
     if algorithm not in ALGORITHMS:
         raise HwnasError(f"algorithm {algorithm!r} is not known; expected one of {list(ALGORITHMS)}")
@@ -332,14 +332,18 @@ def run_search(*, model: str = DEFAULT_MODEL, table: str, algorithm: str = "nsga
         raise HwnasError(f"select must be >= 0 and select_items >= 1, got {select} and {select_items}")
     check_metric(select_metric)  # before the search, not after it
     out = Path(out)
-    args = {"model": model, "table": str(Path(table).resolve()), "algorithm": algorithm, "evaluations": evaluations,
+    args = {"model": model_key(model), "table": str(Path(table).resolve()), "algorithm": algorithm, "evaluations": evaluations,
             "population": population, "latency_budget": latency_budget, "latency_ratio": latency_ratio,
             "size_budget": size_budget, "phase": phase, "seed": seed, "sequences": sequences, "seq_len": seq_len,
             "calibration": Calibration(source=calibration_source).key()}  # refuses an unknown source
+    if overwrite:
+        prepare_output(out, overwrite=True)
     state = StateFile(out)
     state.refuse_pickle()
     if state.exists() and not resume:
-        raise HwnasError(f"{out} holds a search; pass --resume to continue it or choose another --out")
+        raise HwnasError(f"{out} holds a search; pass --resume to continue it, --overwrite to start again, "
+                         "or choose another --out")
+    prepare_output(out, overwrite=False, own=state.exists())  # a folder of other files is not a search's
     saved = resume and state.exists()
     generation = state.read(args) if saved else 0  # before the model loads: a bad file fails fast
 

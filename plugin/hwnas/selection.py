@@ -188,7 +188,7 @@ def select(supernet: Any, rows: Sequence[Any], *, k: int, items: int, quant: Any
     (selection.json)."""
     import json
 
-    from tqdm import tqdm
+    from .progress import tqdm
 
     if k < 1:
         raise HwnasError(f"selection needs at least one candidate (k >= 1), got {k}")

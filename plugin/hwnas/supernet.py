@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from .progress import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from .common import HwnasError, atomic_write_json, home, read_json

@@ -72,7 +72,7 @@ def validate_latency(*, model: str = DEFAULT_MODEL, tables: list[Path], samples:
                      progress: bool = True) -> dict[str, Any]:
     """Validate each table's predictor against end-to-end measurements; writes `out/latency_validation.json`."""
     import torch
-    from tqdm import tqdm
+    from .progress import tqdm
 
     if samples < 3:
         raise HwnasError(f"samples must be at least 3 to rank sub-networks, got {samples}")
