@@ -30,13 +30,9 @@ def export_checkpoint(
     The folder appears in one rename when complete. Returns a report of parameters and size
     against the full model, also saved as `out/hwnas_export.json`.
     """
-    from .supernet import Calibration, Supernet, recorded_calibration
+    from .supernet import Calibration, Supernet
 
-    cfg = SubnetConfig.from_json(subnet, pick)
-    data = read_json(subnet, "sub-network config")
-    calibration = None
-    if isinstance(data, dict) and "front" in data:
-        calibration = recorded_calibration(data)
+    cfg, calibration = read_subnet(subnet, pick)
     if supernet is not None and calibration is not None and supernet.calibration != calibration:
         raise HwnasError(f"{subnet} indexes channels ordered by {calibration.key()}, the supernet given by "
                          f"{supernet.calibration.key() if supernet.calibration else 'its checkpoint'}")
@@ -68,6 +64,21 @@ def export_checkpoint(
         report["size_ratio"] = report["weights_bytes"] / report["full_weights_bytes"]
         atomic_write_json(tmp / "hwnas_export.json", report)
     return report
+
+
+def read_subnet(subnet: str | Path, pick: int | None = None) -> tuple[SubnetConfig, Any]:
+    """The config `export_checkpoint` exports and, for a pareto.json, the `Calibration` its channel indices follow
+    (else None); every problem with the file or `pick` is an HwnasError naming it."""
+    from .supernet import recorded_calibration
+
+    cfg = SubnetConfig.from_json(subnet, pick)  # checks the file, the front and the pick's range
+    data = read_json(subnet, "sub-network config")
+    if not (isinstance(data, dict) and "front" in data):
+        return cfg, None
+    try:
+        return cfg, recorded_calibration(data)
+    except ValueError as e:  # an HwnasError, or int() of a key with more digits than Python converts
+        raise HwnasError(f"{subnet}: {e if isinstance(e, HwnasError) else 'calibration key is not known'}") from None
 
 
 # ------------------------------------------------------------------------------ Optimum export

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 from .common import HwnasError, read_json
-from .tables import PHASES, TABLE_FORMAT, blocks_of, phase_key
+from .tables import PHASES, SIGNATURE_KEYS, TABLE_FORMAT, blocks_of, phase_key
 from .space import SubnetConfig
 
 _STAT_KEYS = ("mean_ms", "std_ms", "median_ms", "n")
@@ -46,8 +47,52 @@ def _check_stats(where: str, stats: Any) -> None:
         raise HwnasError(f"{where}: expected an object with {list(_STAT_KEYS)}, got {type(stats).__name__}")
     for k in _STAT_KEYS:
         v = stats.get(k)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise HwnasError(f"{where}: {k} must be a non-negative number, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v) or v < 0:
+            raise HwnasError(f"{where}: {k} must be a non-negative number, got {_short(v)}")
+
+
+def _finite(v: int | float) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _positive_int(v: Any) -> bool:
+    return type(v) is int and v > 0
+
+
+# header field -> (its check, what was expected); the required ones first, then those some tables lack
+_HEADER = {
+    "model": (lambda v: isinstance(v, str), "a string"),
+    "model_signature": (lambda v: isinstance(v, dict) and all(_positive_int(v.get(k)) for k in SIGNATURE_KEYS),
+                        f"an object of positive integers {list(SIGNATURE_KEYS)}"),
+    "runtime": (lambda v: isinstance(v, str), "a string"),
+    "precision": (lambda v: isinstance(v, str), "a string"),
+    "device": (lambda v: isinstance(v, dict) and isinstance(v.get("id"), str)
+               and isinstance(v.get("kind", ""), str), "an object with a string 'id'"),
+    "phases": (lambda v: isinstance(v, dict) and set(v) <= set(PHASES) and all(
+        isinstance(ts, list) and ts and all(_positive_int(t) for t in ts) for ts in v.values()),
+               f"an object mapping {list(PHASES)} to lists of positive token counts"),
+    "quantization": (lambda v: isinstance(v, dict), "an object"),
+    "mixed_precision": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+    "tie_word_embeddings": (lambda v: isinstance(v, bool), "true or false"),
+    "max_position_embeddings": (_positive_int, "a positive integer"),
+    "warmup": (lambda v: type(v) is int and v >= 0, "an integer >= 0"),
+    "repeats": (lambda v: type(v) is int and v >= 0, "an integer >= 0"),
+}
+_CAL_PHASE = re.compile(r"prefill\.s[0-9]{1,9}|decode\.c[0-9]{1,9}")  # as tables.phase_key writes them
+
+
+def _check_header(where: str, header: dict[str, Any]) -> None:
+    for k, (ok, expected) in _HEADER.items():
+        if k in header and not ok(header[k]):
+            raise HwnasError(f"{where}: header {k} is {_short(header[k])}; expected {expected}")
 
 
 class LatencyTable:
@@ -65,12 +110,18 @@ class LatencyTable:
                 raise HwnasError(f"{where}: header has no {k!r}")
         if not header.get("complete"):
             raise HwnasError(f"{where} is a partial table (profiling stopped); finish it with `hwnas profile --resume`")
+        _check_header(where, header)
         for key, stats in entries.items():
             _check_stats(f"{where}: entry {key!r}", stats)
         for i, c in enumerate(cal):
             if not isinstance(c, dict) or not isinstance(c.get("phase"), str):
                 raise HwnasError(f"{where}: calibration[{i}] needs 'config', 'phase' and 'measured'")
+            if not _CAL_PHASE.fullmatch(c["phase"]):
+                raise HwnasError(f"{where}: calibration[{i}].phase is {_short(c['phase'])}; expected prefill.sN or "
+                                 "decode.cN")
             _check_stats(f"{where}: calibration[{i}].measured", c.get("measured"))
+            if not c["measured"]["median_ms"] > 0:  # the correction's errors are relative to it
+                raise HwnasError(f"{where}: calibration[{i}].measured.median_ms is 0; expected a positive time")
             try:
                 SubnetConfig.from_dict(c.get("config") or {})
             except (HwnasError, TypeError, KeyError) as e:
@@ -79,7 +130,13 @@ class LatencyTable:
 
     @classmethod
     def load(cls, path: str | Path) -> "LatencyTable":
-        return cls(read_json(path, "latency table"), Path(path))
+        try:
+            data = read_json(path, "latency table")
+        except HwnasError:
+            raise
+        except (ValueError, RecursionError, OSError) as e:  # json's digit limit, deep nesting, unreadable files
+            raise HwnasError(f"latency table {path} is not readable JSON: {' '.join(str(e).split())[:120]}") from None
+        return cls(data, Path(path))
 
     @property
     def runtime(self) -> str:
@@ -101,6 +158,8 @@ class LatencyTable:
     def default_tokens(self, phase: str) -> int:
         if phase not in PHASES:
             raise HwnasError(f"phase {phase!r} is not known; expected one of {list(PHASES)}")
+        if phase not in self.header["phases"]:
+            raise HwnasError(f"{self.path} has no {phase} lengths; expected a table profiled for {phase}")
         return self.header["phases"][phase][0]
 
     def check_model(self, signature: dict[str, int]) -> None:
@@ -153,7 +212,7 @@ class LatencyPredictor:
         missing = self.missing(cfg, phase, tokens)
         if missing:
             raise HwnasError(f"{self.table.path} lacks {len(missing)} entries this sub-network needs: {missing}")
-        return sum(self.table.entries[b.key]["median_ms"] for b in blocks_of(cfg, phase, tokens))
+        return sum(float(self.table.entries[b.key]["median_ms"]) for b in blocks_of(cfg, phase, tokens))
 
     def latency_ms(self, cfg: SubnetConfig, phase: str = "decode", tokens: int | None = None) -> float:
         """Predicted latency of one forward pass: a prompt of `tokens` (prefill) or one token after `tokens` (decode)."""
@@ -192,20 +251,39 @@ class LatencyPredictor:
         cfgs = [SubnetConfig.from_dict(c["config"]) for c in pts]
         sums = np.array([self.block_sum(c, phase, tokens) for c in cfgs])
         depth = np.array([c.depth for c in cfgs], dtype=float)
-        y = np.array([c["measured"]["median_ms"] for c in pts])
+        y = np.array([c["measured"]["median_ms"] for c in pts], dtype=float)
+        if not np.isfinite(sums).all():
+            raise HwnasError(f"{self.table.path}: the block sums of the {pk} calibration sub-networks overflow; "
+                             "expected finite entry times")
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):  # huge but finite times overflow: refused below
+                c = self._best_form(sums, depth, y)
+        except np.linalg.LinAlgError:
+            c = None
+        if c is None or not all(map(math.isfinite, (c.scale, c.per_layer_ms, c.offset_ms, c.loo_error_pct))):
+            raise HwnasError(f"{self.table.path}: cannot fit the {pk} correction to its calibration sub-networks; "
+                             "expected plausible calibration and entry times")
+        return c
+
+    @staticmethod
+    def _best_form(sums: Any, depth: Any, y: Any) -> Correction:
+        """The form with the lowest leave-one-out error on points (block sum, layers, measured), refitted on all."""
+        import numpy as np
+
+        n = len(y)
         one = np.ones_like(sums)
         forms = {"sum": None, "scale": [sums], "affine": [sums, one], "affine+layers": [sums, depth, one]}
         best = None
         for name, cols in forms.items():
-            if cols is not None and len(pts) <= len(cols) + 1:
+            if cols is not None and n <= len(cols) + 1:
                 continue
             X = None if cols is None else np.stack(cols, 1)
             errs = []
-            for i in range(len(pts)):
+            for i in range(n):
                 if X is None:
                     pred = sums[i]
                 else:
-                    keep = np.arange(len(pts)) != i
+                    keep = np.arange(n) != i
                     pred = X[i] @ np.linalg.lstsq(X[keep], y[keep], rcond=None)[0]
                 errs.append(abs(pred - y[i]) / y[i])
             loo = float(np.mean(errs))
@@ -220,7 +298,7 @@ class LatencyPredictor:
         else:
             full = tuple(coef)
         pred = full[0] * sums + full[1] * depth + full[2]
-        return Correction(float(full[0]), float(full[1]), float(full[2]), len(pts),
+        return Correction(float(full[0]), float(full[1]), float(full[2]), n,
                           float(np.max(np.abs(pred - y) / y) * 100), name, loo * 100)
 
 

@@ -11,6 +11,9 @@ from typing import Any, Mapping, Sequence
 from .common import HwnasError, atomic_write_json, read_json
 
 _PER_LAYER = ("mlp", "heads", "kv_heads")
+# far past any Llama: they bound the memory and time a model config can make the space take
+_LIMITS = {"num_layers": 1 << 12, "intermediate_size": 1 << 24, "num_heads": 1 << 12, "num_kv_heads": 1 << 12}
+_MAX_MLP_CHOICES = 1 << 16
 
 
 def _int_tuple(name: str, value: Any) -> tuple[int, ...]:
@@ -111,7 +114,7 @@ class SubnetConfig:
         fields = dataclasses.fields(cls)
         names = [f.name for f in fields]
         missing = [f.name for f in fields if f.name not in data and f.default is dataclasses.MISSING]
-        unknown = sorted(set(data) - set(names))
+        unknown = sorted(set(data) - set(names), key=str)  # keys of a Python dict may mix types
         if missing or unknown:
             raise HwnasError(
                 f"sub-network config has missing keys {missing} and unknown keys {unknown}; expected {names} "
@@ -127,17 +130,13 @@ class SubnetConfig:
         """Read a config file, or member `pick` of a search's pareto.json (default: its selected winner,
         else its lowest-KL member)."""
         try:
-            data = read_json(path, "sub-network config")
+            if pick is not None and (isinstance(pick, bool) or not isinstance(pick, int)):
+                raise HwnasError(f"--pick must be an integer index into the Pareto front, got {pick!r}")
+            data = _read_json(path)
             if isinstance(data, Mapping) and "selected" in data and pick is None:
-                return cls.from_dict(data["selected"]["config"])
+                return cls.from_dict(_config_of(data["selected"], "selected"))
             if isinstance(data, Mapping) and "front" in data:
-                front = data["front"]
-                if not isinstance(front, list) or not front:
-                    raise HwnasError("the Pareto front is empty")
-                i = min(range(len(front)), key=lambda j: front[j].get("kl", 0.0)) if pick is None else pick
-                if not -len(front) <= i < len(front):
-                    raise HwnasError(f"--pick {pick} is out of range; the front has {len(front)} members (0..{len(front) - 1})")
-                return cls.from_dict(front[i]["config"])
+                return cls.from_dict(_front_config(data["front"], pick))
             if pick is not None:
                 raise HwnasError("--pick selects a member of a search's pareto.json; this is a single config")
             return cls.from_dict(data)
@@ -145,6 +144,47 @@ class SubnetConfig:
             if str(path) in str(e):
                 raise
             raise HwnasError(f"{path}: {e}") from None
+
+
+def _read_json(path: str | Path) -> Any:
+    """`read_json`, with what it lets through (json's integer-digit limit, deep nesting, unreadable files) as
+    an HwnasError too."""
+    try:
+        return read_json(path, "sub-network config")
+    except HwnasError:
+        raise
+    except (ValueError, RecursionError, OSError) as e:
+        raise HwnasError(f"sub-network config {path} is not readable JSON: {' '.join(str(e).split())[:120]}") from None
+
+
+def _config_of(member: Any, where: str) -> Any:
+    if not isinstance(member, Mapping) or "config" not in member:
+        raise HwnasError(f"{where} must be an object with a 'config', got {_short(member)}")
+    return member["config"]
+
+
+def _front_config(front: Any, pick: int | None) -> Any:
+    """The config of member `pick` of a pareto.json's front; without `pick`, of its lowest-KL member."""
+    if not isinstance(front, list) or not front:
+        raise HwnasError(f"the Pareto front must be a non-empty list of members, got {_short(front)}")
+    if pick is not None:
+        if not 0 <= pick < len(front):  # a negative pick is refused, not taken as a Python index from the end
+            raise HwnasError(f"--pick {pick} is out of range; expected 0..{len(front) - 1} "
+                             f"(the front has {len(front)} members)")
+        return _config_of(front[pick], f"front[{pick}]")
+    kls = []
+    for i, m in enumerate(front):
+        kl = m.get("kl", 0.0) if isinstance(m, Mapping) else None
+        if isinstance(kl, bool) or not isinstance(kl, (int, float)):
+            raise HwnasError(f"front[{i}] must be an object with a numeric 'kl', got {_short(m)}")
+        kls.append(kl)
+    best = min(range(len(front)), key=kls.__getitem__)
+    return _config_of(front[best], f"front[{best}]")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass(frozen=True)
@@ -183,8 +223,17 @@ class SearchSpace:
         min_layers: int = 1,
     ) -> "SearchSpace":
         """Default space: MLP widths in multiples of `mlp_step` up to the full width, heads as above."""
-        if mlp_step < 1:
-            raise HwnasError(f"mlp_step must be a positive integer, got {mlp_step}")
+        sizes = {"num_layers": num_layers, "intermediate_size": intermediate_size, "num_heads": num_heads,
+                 "num_kv_heads": num_kv_heads, "mlp_step": mlp_step}
+        for name, v in sizes.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise HwnasError(f"{name} must be a positive integer, got {v!r}")
+            if v > _LIMITS.get(name, v):
+                raise HwnasError(f"{name} is {v}; expected at most {_LIMITS[name]}")
+        if intermediate_size // mlp_step > _MAX_MLP_CHOICES:
+            raise HwnasError(f"mlp_step {mlp_step} splits intermediate_size {intermediate_size} into "
+                             f"{intermediate_size // mlp_step} widths; expected at most {_MAX_MLP_CHOICES} "
+                             "(a larger step)")
         if num_heads % num_kv_heads:
             raise HwnasError(f"model has {num_heads} heads, not a multiple of its {num_kv_heads} KV heads")
         mlp = tuple(range(mlp_step, intermediate_size + 1, mlp_step)) or (intermediate_size,)
@@ -211,7 +260,7 @@ class SearchSpace:
                 mlp_step=mlp_step,
                 min_layers=min_layers,
             )
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:  # OverflowError: int(inf)
             if isinstance(e, HwnasError):
                 raise
             raise HwnasError(f"model config lacks or mistypes a Llama size field: {e}") from None

@@ -19,7 +19,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Iterable
 
-from .common import home
+from .common import HwnasError, home
 from .defaults import DEFAULT_MODEL
 from .space import SearchSpace, SubnetConfig
 
@@ -66,11 +66,19 @@ class Block:
 
 
 def model_signature(config: dict[str, Any]) -> dict[str, int]:
-    """The shape facts a table depends on; a table for another model is refused by comparing these."""
-    d = dict(config)
-    d.setdefault("head_dim", d["hidden_size"] // d["num_attention_heads"])
-    d.setdefault("num_key_value_heads", d["num_attention_heads"])
-    return {k: int(d[k]) for k in SIGNATURE_KEYS}
+    """The shape facts a table depends on; a table for another model is refused by comparing these.
+    Each must be a positive integer (head_dim and num_key_value_heads may be missing or null)."""
+    d = {k: v for k, v in dict(config).items() if v is not None}
+
+    def size(k: str) -> int:
+        v = d.get(k)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise HwnasError(f"model config field {k!r} must be a positive integer, got {v!r}")
+        return v
+
+    d.setdefault("head_dim", size("hidden_size") // size("num_attention_heads"))
+    d.setdefault("num_key_value_heads", size("num_attention_heads"))
+    return {k: size(k) for k in SIGNATURE_KEYS}
 
 
 def blocks_for(space: SearchSpace, phases: dict[str, list[int]], mixed_precision: Iterable[str] = ()) -> list[Block]:
