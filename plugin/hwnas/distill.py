@@ -280,7 +280,9 @@ def _save_checkpoint(out: Path, step: int, named: list[tuple[str, nn.Parameter]]
     torch.save(opt.state_dict(), tmp)
     os.replace(tmp, out / optim)
     atomic_write_json(out / STATE_FILE, {**state, "step": step, "weights": weights, "optimizer": optim})
-    for f in list(out.glob("trainable-*.safetensors")) + list(out.glob("optimizer-*.pt")):
+    # older checkpoints, and the partial files of a save that a killed run left (`.trainable-*.tmp`)
+    for f in [*out.glob("trainable-*.safetensors"), *out.glob("optimizer-*.pt"), *out.glob(".trainable-*.tmp"),
+              *out.glob(".optimizer-*.tmp")]:
         if f.name not in (weights, optim):
             f.unlink(missing_ok=True)
 
