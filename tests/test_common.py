@@ -101,9 +101,13 @@ def test_outputs_get_the_users_umask_and_refuse_read_only_or_foreign_targets(tmp
         f = atomic_write_text(tmp_path / "f.txt", "x")
         with atomic_dir(tmp_path / "d") as d:
             (d / "a").write_text("1")
+            (d / "sub").mkdir()
+            (d / "sub" / "weights").write_text("w")
+            os.chmod(d / "sub" / "weights", 0o600)  # as safetensors writes its files
     finally:
         os.umask(old)
     assert f.stat().st_mode & 0o777 == 0o644 and (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "d" / "sub" / "weights").stat().st_mode & 0o777 == 0o644
     with pytest.raises(HwnasError, match="f.txt is an existing file; pass --overwrite"):
         prepare_output(f, overwrite=False)
     with pytest.raises(HwnasError, match="is an existing non-empty folder; pass --overwrite"):

@@ -76,6 +76,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _apply_umask(folder: Path) -> None:
+    """Give what a command wrote the user's umask: some writers (safetensors) create their files 0600."""
+    mask = _umask()
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            p = os.path.join(root, f)
+            if not os.path.islink(p) and not os.stat(p).st_mode & 0o111:
+                os.chmod(p, 0o666 & ~mask)
+
+
 def clean_stale_temps(path: str | os.PathLike) -> list[Path]:
     """Remove the temporaries beside `path` that a killed run on this host left (its process is gone)."""
     path = Path(path)
@@ -148,6 +160,7 @@ def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[P
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _apply_umask(tmp)
     old = None
     if out.exists():
         old = out.with_name(_temp_prefix(out) + "old")
