@@ -30,7 +30,8 @@ def test_compare_torch_onnx_openvino_in_one_run(run_cli, deployed, tmp_path):
                    str(deployed["openvino"]), *FAST, "--out", str(out))
     report = json.loads(out.read_text())
     table = report["markdown"]
-    assert table in proc.stdout and (tmp_path / "bench.md").read_text() == table
+    assert table in proc.stderr and json.loads(proc.stdout)["out"] == str(out)  # stdout: the JSON only
+    assert (tmp_path / "bench.md").read_text() == table
     assert sum(line.startswith("|") for line in table.splitlines()) == 2 + 3  # header, rule, a row a model
     assert report["device"]["threads"] == 1 and report["versions"]["onnxruntime"] and report["versions"]["openvino"]
     assert report["settings"]["rounds"] == 2 and report["memory_bandwidth"]["gb_per_s"] > 0

@@ -119,11 +119,11 @@ def test_bad_input_is_refused_in_one_line(subnets, tiny_models, tiny_model, text
     # a student with no recorded source, whose tokenizer differs from the teacher's
     other = tmp_path / "other"
     shutil.copytree(tiny_model, other)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(other)
-    tok.add_tokens(["<extra>"])
-    tok.save_pretrained(other)
+    spec = json.loads((other / "tokenizer.json").read_text())  # two tokens swap ids: same size, other tokenizer
+    vocab = spec["model"]["vocab"]
+    a, b = list(vocab)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(HwnasError, match="different tokenizers"):
         heal(tokens=1000, **{**kw, "model": other})
     assert not (tmp_path / "x").exists()

@@ -233,9 +233,9 @@ def test_cli_evaluate_writes_json_and_prints_a_table(tiny_model, tmp_path, capsy
     assert saved["tasks"]["boolq"]["n"] == 2 and saved["tasks"]["mmlu"]["n"] == 114  # --limit is per MMLU subject
     assert isinstance(saved["tasks"]["mmlu"]["acc_stderr"], float)
     assert len(saved["tasks"]["mmlu"]["scores"]) == 114  # every subject's items, for paired comparisons
-    stdout = capsys.readouterr().out
-    assert "| task | n | acc ± stderr | acc_norm ± stderr |" in stdout and "| mmlu | 114 |" in stdout
-    assert json.loads(stdout[stdout.index("\n{") + 1:])["out"] == str(out)
+    captured = capsys.readouterr()
+    assert "| task | n | acc ± stderr | acc_norm ± stderr |" in captured.err and "| mmlu | 114 |" in captured.err
+    assert json.loads(captured.out)["out"] == str(out)  # stdout carries the JSON only
 
 
 def test_cli_evaluate_errors_name_the_problem(tiny_model, onnx_dir, tmp_path, capsys):
