@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -576,7 +577,7 @@ def _stdout_to_stderr() -> Any:
 def _os_error(e: OSError) -> str:
     where = f" {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "") if e.filename else ""
     return f"{e.strerror or e}:{where} (expected a location this user can write, with free space)" \
-        if e.errno in (13, 28, 30, 1) else f"{e.strerror or e}:{where}"
+        if e.errno in (errno.EACCES, errno.ENOSPC, errno.EROFS, errno.EPERM) else f"{e.strerror or e}:{where}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -77,8 +77,8 @@ def read_subnet(subnet: str | Path, pick: int | None = None) -> tuple[SubnetConf
         return cfg, None
     try:
         return cfg, recorded_calibration(data)
-    except ValueError as e:  # an HwnasError, or int() of a key with more digits than Python converts
-        raise HwnasError(f"{subnet}: {e if isinstance(e, HwnasError) else 'calibration key is not known'}") from None
+    except HwnasError as e:
+        raise HwnasError(f"{subnet}: {e}") from None
 
 
 # ------------------------------------------------------------------------------ Optimum export

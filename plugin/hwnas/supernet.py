@@ -55,7 +55,7 @@ class Calibration:
     @classmethod
     def from_key(cls, key: str) -> "Calibration":
         """The calibration whose `key()` is `key` (as a search's pareto.json records it)."""
-        m = re.fullmatch(r"(lambada|lambada\+coqa)-calibration-(\d+)x(\d+)", str(key))
+        m = re.fullmatch(r"(lambada|lambada\+coqa)-calibration-(\d{1,9})x(\d{1,9})", str(key))  # int() stays exact
         if m is None:
             raise HwnasError(f"calibration {key!r} is not known; expected lambada-calibration-NxL or "
                              "lambada+coqa-calibration-NxL")
