@@ -33,3 +33,24 @@ def test_mixed_precision_adds_an_fp32_down_proj_variant_per_width(tiny_model):
     cfg = dataclasses.replace(space.max_config(), fp32_down=(0, 1, 0, 1))
     keys = [b.key for b in blocks_of(cfg, "decode", 8) if b.kind == "mlp"]
     assert keys == ["mlp.i256/decode.c8", "mlp.i256.dfp32/decode.c8"] * 2
+
+
+def test_monotone_ms_pools_out_of_order_sizes_within_a_family():
+    from hwnas.tables import monotone_ms
+
+    def e(ms):
+        return {"median_ms": ms, "mean_ms": ms, "std_ms": 0.0, "n": 1}
+
+    entries = {"mlp.i128/decode.c128": e(1.0), "mlp.i256/decode.c128": e(3.0), "mlp.i384/decode.c128": e(1.0),
+               "mlp.i512/decode.c128": e(4.0), "mlp.i256.dfp32/decode.c128": e(0.5),
+               "mlp.i128/prefill.s128": e(9.0), "mlp.i256/prefill.s128": e(8.0),
+               "attn.q6.kv3/decode.c128": e(2.0), "attn.q3.kv3/decode.c128": e(2.5), "attn.q2.kv2/decode.c128": e(9.0),
+               "head/decode.c128": e(7.0)}
+    ms = monotone_ms(entries)
+    # widths 256 and 384 measured 3.0 and 1.0: pooled to their mean, the neighbours untouched
+    assert ms["mlp.i128/decode.c128"] == 1.0 and ms["mlp.i512/decode.c128"] == 4.0
+    assert ms["mlp.i256/decode.c128"] == ms["mlp.i384/decode.c128"] == 2.0
+    assert ms["mlp.i128/prefill.s128"] == ms["mlp.i256/prefill.s128"] == 8.5  # each phase is its own family
+    assert ms["mlp.i256.dfp32/decode.c128"] == 0.5  # and each down_proj precision
+    assert ms["attn.q3.kv3/decode.c128"] == ms["attn.q6.kv3/decode.c128"] == 2.25
+    assert ms["attn.q2.kv2/decode.c128"] == 9.0 and ms["head/decode.c128"] == 7.0  # other KV counts, other blocks

@@ -5,7 +5,7 @@
     p.bytes(cfg)                     # weight bytes at the table's runtime and precision
 
 The block sum counts each block a sub-network runs (embedding, LM head, one attention and one MLP
-block per kept layer). What the sum misses is fitted on the table's calibration sub-networks,
+block per kept layer), with block times made non-decreasing in block size (`tables.monotone_ms`). What the sum misses is fitted on the table's calibration sub-networks,
 which were measured end to end when the table was made: per phase, the form among `sum`,
 `a * sum`, `a * sum + c` and `a * sum + b * layers + c` with the lowest leave-one-out error on
 those points (a richer form must earn its parameters on points it did not see). The chosen form,
@@ -14,15 +14,17 @@ its leave-one-out error and its residuals are kept with the predictor for a read
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 from pathlib import Path
 from typing import Any
 
 from .common import HwnasError, read_json
-from .tables import PHASES, SIGNATURE_KEYS, TABLE_FORMAT, blocks_of, phase_key
+from .tables import PHASES, SIGNATURE_KEYS, TABLE_FORMAT, blocks_of, monotone_ms, phase_key
 from .space import SubnetConfig
 
+logger = logging.getLogger(__name__)
 _STAT_KEYS = ("mean_ms", "std_ms", "median_ms", "n")
 
 
@@ -197,6 +199,15 @@ def check_table(table: Path, *, signature: dict[str, int], runtime: str, precisi
 class LatencyPredictor:
     def __init__(self, table: LatencyTable) -> None:
         self.table = table
+        self.ms = monotone_ms(table.entries)  # block times the sums use: non-decreasing in block size
+        moved = {k: v / float(table.entries[k]["median_ms"]) for k, v in self.ms.items()
+                 if float(table.entries[k]["median_ms"]) > 0 and abs(v / float(table.entries[k]["median_ms"]) - 1) > 0.25}
+        if moved:
+            worst = max(moved, key=lambda k: abs(moved[k] - 1))
+            logger.warning("%s: %d block times are out of order with their size by more than 25%% (worst %s, x%.2f to "
+                           "keep larger blocks no faster); the table was likely profiled on a busy machine: consider "
+                           "`hwnas profile --overwrite` on a quiet one", table.path or "latency table", len(moved),
+                           worst, moved[worst])
         self.corrections = {pk: self._fit(pk) for pk in {c["phase"] for c in table.calibration}}
 
     @classmethod
@@ -212,7 +223,7 @@ class LatencyPredictor:
         missing = self.missing(cfg, phase, tokens)
         if missing:
             raise HwnasError(f"{self.table.path} lacks {len(missing)} entries this sub-network needs: {missing}")
-        return sum(float(self.table.entries[b.key]["median_ms"]) for b in blocks_of(cfg, phase, tokens))
+        return sum(self.ms[b.key] for b in blocks_of(cfg, phase, tokens))
 
     def latency_ms(self, cfg: SubnetConfig, phase: str = "decode", tokens: int | None = None) -> float:
         """Predicted latency of one forward pass: a prompt of `tokens` (prefill) or one token after `tokens` (decode)."""

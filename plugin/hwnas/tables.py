@@ -16,6 +16,7 @@ the gap between their block sums and their real latency. Measuring is `profile.p
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -100,6 +101,38 @@ def blocks_of(cfg: SubnetConfig, phase: str, tokens: int) -> list[Block]:
     out = [Block("embed", phase, tokens), Block("head", phase, tokens)]
     for h, kv, w, d in zip(cfg.heads, cfg.kv_heads, cfg.mlp, cfg.fp32_down_mask):
         out += [Block("attn", phase, tokens, heads=h, kv_heads=kv), Block("mlp", phase, tokens, width=w, fp32_down=d)]
+    return out
+
+
+_SHAPE = re.compile(r"(?:attn\.q(?P<heads>\d+)\.kv(?P<kv>\d+)|mlp\.i(?P<width>\d+)(?P<dfp32>\.dfp32)?)/(?P<phase>.+)")
+
+
+def monotone_ms(entries: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Each entry's median_ms, made non-decreasing in size within its family (MLP blocks of one phase and down_proj
+    precision by width; attention blocks of one phase and KV-head count by query heads).
+
+    A wider block does the same work and more, so a narrower one measuring slower is noise (a busy machine, a
+    frequency step): the least-squares non-decreasing fit (pool adjacent violators) keeps one outlier from
+    steering the search to a shape that is not really faster. Other entries keep their median."""
+    out = {k: float(v["median_ms"]) for k, v in entries.items()}
+    families: dict[tuple, list[tuple[int, str]]] = {}
+    for key in entries:
+        m = _SHAPE.fullmatch(key)
+        if m and m["width"]:
+            families.setdefault(("mlp", m["phase"], bool(m["dfp32"])), []).append((int(m["width"]), key))
+        elif m:
+            families.setdefault(("attn", m["phase"], int(m["kv"])), []).append((int(m["heads"]), key))
+    for members in families.values():
+        keys = [k for _, k in sorted(members)]
+        pools: list[list[float]] = []  # [sum, count] of each pooled run, left to right
+        for k in keys:
+            pools.append([out[k], 1.0])
+            while len(pools) > 1 and pools[-2][0] / pools[-2][1] > pools[-1][0] / pools[-1][1]:
+                s, n = pools.pop()
+                pools[-1][0] += s
+                pools[-1][1] += n
+        fitted = [s / n for s, n in pools for _ in range(int(n))]
+        out.update(zip(keys, fitted))
     return out
 
 
