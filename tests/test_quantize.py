@@ -84,6 +84,16 @@ def test_every_method_writes_a_loadable_artifact_with_its_report(tiny_model, tmp
         ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
         assert ops.count("MatMulNBits") == 7 * 4 + 1 and "MatMulInteger" not in ops  # 4 layers x 7 + the head
         assert report["settings"]["bits"] == 8 and report["settings"]["int8_embeddings"]
+    if method == "ort-int4":
+        import onnx
+        from onnx import helper
+
+        nodes = [n for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
+        bits = {n.name: next(helper.get_attribute_value(a) for a in n.attribute if a.name == "bits") for n in nodes}
+        assert len(nodes) == 7 * 4 + 1  # every linear layer and the head
+        assert [b for name, b in bits.items() if "lm_head" in name] == [8]  # the head int8, the rest int4
+        assert sorted(b for name, b in bits.items() if "lm_head" not in name) == [4] * 28
+        assert report["settings"]["accuracy_level"] == 4 and report["settings"]["int8_embeddings"]
     if method == "ov-int4":
         assert report["settings"]["data_aware"] == {"awq": "applied", "scale_estimation": "applied"}
 
@@ -178,7 +188,7 @@ def test_ort_int8_keeps_the_down_proj_a_subnet_marks_fp32(subnet_dir, tiny_model
         quantize(tiny_model, "ov-int8", tmp_path / "x", keep_fp32="down_proj")
 
 
-@pytest.mark.parametrize("method", ["ort-int8", "ort-int8-wo"])
+@pytest.mark.parametrize("method", ["ort-int8", "ort-int8-wo", "ort-int4"])
 def test_ort_int8_stores_the_embedding_in_int8_and_the_size_model_counts_every_byte(subnet_dir, tiny_model, tmp_path,
                                                                                    method):
     import numpy as np
@@ -203,17 +213,20 @@ def test_ort_int8_stores_the_embedding_in_int8_and_the_size_model_counts_every_b
     else:  # the embedding reads the LM head's int8 blocks: stored once
         gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
         head = next(n for n in graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.name)
-        assert gather.input[0] == head.input[1] and weights[gather.input[0]].shape == (320, 1, 64)
+        block = report["settings"]["block_size"]
+        assert gather.input[0] == head.input[1] and weights[gather.input[0]].shape == (320, 64 // block, block)
         assert report["settings"]["shared_embedding"]
         embedding = "blocks-shared"
     assert report["settings"]["fused_attention"]
     assert len(rotary) == 2  # the fused attention's cos and sin caches, shared by every layer
     positions = config["max_position_embeddings"]
-    big_floats = [k for k, a in weights.items() if a.dtype == np.float32 and a.ndim == 2 and a.size > 320]
+    big_floats = [k for k, a in weights.items() if a.dtype == np.float32 and a.ndim == 2 and a.size > 320
+                  and not k.endswith("scales")]  # int4's blocks of 32 have more scales than the tiny vocabulary
     assert big_floats == [], f"fp32 matrices left: {big_floats}"
     predicted = size_bytes(SubnetConfig(**SUBNET), model_signature(config), runtime="onnxruntime",
                            precision=method.removeprefix("ort-"), tied=False, embedding=embedding,
-                           rotary_positions=positions)
+                           rotary_positions=positions, block=report["settings"].get("block_size"),
+                           head_bits=report["settings"].get("head_bits"))
     assert predicted == sum(a.nbytes for a in weights.values()) + sum(a.nbytes for a in rotary)
 
 
@@ -234,7 +247,7 @@ def test_bad_arguments_are_refused_with_what_is_expected(tiny_model, tmp_path):
     assert all(m in str(e.value) for m in METHODS)
     with pytest.raises(HwnasError, match="neither 'smollm2-135m' nor an existing folder"):
         quantize(tmp_path / "missing", "ort-int8", tmp_path / "q")
-    with pytest.raises(HwnasError, match="group size options apply to nncf-int4 and ov-int4 only"):
+    with pytest.raises(HwnasError, match="group size options apply to ort-int4, nncf-int4, ov-int4 only"):
         quantize(tiny_model, "ort-int8", tmp_path / "q", group_size=32)
     with pytest.raises(HwnasError, match="unknown group-size fallback 'shrink'"):
         quantize(tiny_model, "nncf-int4", tmp_path / "q", group_size_fallback="shrink")

@@ -161,7 +161,7 @@ def build_block(block: Block, config: Any, path: Path, runtime: str, precision: 
         if runtime == "onnxruntime" and (precision == "fp32" or block.kind == "head" and config.tie_word_embeddings
                                          and not settings_for(runtime, precision, isa).get("untie_lm_head")):
             # A tied LM head reaches onnxruntime as a Transpose of the embedding, which the quantizer skips
-            # unless it is untied first (int8 does that; int4's MatMulNBits keeps it fp32).
+            # unless it is untied first (every int8 and int4 setting does that today).
             os.replace(raw, path)
         elif runtime == "onnxruntime":
             tmp = path.with_name(f".{path.name}.tmp.onnx")

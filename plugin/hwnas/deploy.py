@@ -17,6 +17,7 @@ from .quantize import compress_openvino, quantize_model, quantize_onnx, settings
 
 # The quantization method that deploys a latency table's runtime/precision (the table was measured with the same settings).
 DEPLOY_METHODS = {("onnxruntime", "int8"): "ort-int8", ("onnxruntime", "int8-wo"): "ort-int8-wo",
+                  ("onnxruntime", "int4"): "ort-int4",
                   ("openvino", "int8"): "ov-int8", ("openvino", "int4"): "ov-int4"}
 
 

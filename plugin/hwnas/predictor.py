@@ -248,7 +248,8 @@ class LatencyPredictor:
                                  "max_position_embeddings (the rotary cache's rows); profile it again")
             rotary = h["max_position_embeddings"]
         return size_bytes(cfg, h["model_signature"], runtime=h["runtime"], precision=precision or h["precision"],
-                          tied=tied, embedding=embedding, rotary_positions=rotary)
+                          tied=tied, embedding=embedding, rotary_positions=rotary, block=q.get("block_size"),
+                          head_bits=q.get("head_bits"))
 
     def _fit(self, pk: str) -> Correction:
         """The correction form (none, scale, affine, affine plus a per-layer term) with the lowest
@@ -323,7 +324,7 @@ def linear_shapes(cfg: SubnetConfig, sig: dict[str, int]) -> list[tuple[int, int
     return out
 
 
-def _matrix_bytes(rows: int, cols: int, runtime: str, precision: str) -> float:
+def _matrix_bytes(rows: int, cols: int, runtime: str, precision: str, block: int | None = None) -> float:
     n = rows * cols
     if precision == "fp32":
         return 4 * n
@@ -331,16 +332,20 @@ def _matrix_bytes(rows: int, cols: int, runtime: str, precision: str) -> float:
         return 2 * n
     if precision == "int8":  # per-output-channel scale and zero point
         return n + rows * (5 if runtime == "onnxruntime" else 3)
-    if precision == "int8-wo":  # ORT MatMulNBits: symmetric blocks of 64 along the input (padded), fp32 scales
-        blocks = rows * -(-cols // 64)
-        return blocks * (64 + 4)
-    if precision == "int4":  # ORT MatMulNBits: blocks of 32 with fp32 scales; NNCF: groups of 64, f16 scale, u4 zp
-        return n / 2 + (n / 32 * 4 if runtime == "onnxruntime" else n / 64 * 2.5)
+    if precision == "int8-wo":  # ORT MatMulNBits: symmetric blocks (64) along the input (padded), fp32 scales
+        b = block or 64
+        return rows * -(-cols // b) * (b + 4)
+    if precision == "int4" and runtime == "onnxruntime":  # MatMulNBits: symmetric blocks (32), fp32 scales
+        b = block or 32
+        return rows * -(-cols // b) * (b / 2 + 4)
+    if precision == "int4":  # NNCF: groups of 64, f16 scale, u4 zero point
+        return n / 2 + n / 64 * 2.5
     raise HwnasError(f"precision {precision!r} has no size model; expected fp32, fp16, bf16, int8, int8-wo or int4")
 
 
 def size_bytes(cfg: SubnetConfig, sig: dict[str, int], *, runtime: str, precision: str, tied: bool,
-               embedding: str = "auto", rotary_positions: int = 0) -> int:
+               embedding: str = "auto", rotary_positions: int = 0, block: int | None = None,
+               head_bits: int | None = None) -> int:
     """Weight bytes of a deployed sub-network, following what each runtime's quantizer touches.
 
     The embedding (onnxruntime; `embedding`): "auto" keeps it in fp32 when quantizing (dynamic quantization touches
@@ -349,9 +354,11 @@ def size_bytes(cfg: SubnetConfig, sig: dict[str, int], *, runtime: str, precisio
     The LM head is stored with the embedding when `tied` (and not untied by the quantizer). The down_proj of layers
     marked in `cfg.fp32_down` stays fp32 in dynamic int8. NNCF compresses the embedding too, and keeps the LM head in
     int8 in int4 mode. Fused attention (hwnas.fused) adds fp32 rotary cos and sin caches of `rotary_positions` rows.
+    `block` is MatMulNBits' block size (int8-wo, onnxruntime int4), `head_bits` 8 an onnxruntime int4 model's int8
+    LM head; the embedding's int8 blocks then have the same block size.
     """
     mixed = (runtime, precision) == ("onnxruntime", "int8")  # where `hwnas quantize` honours fp32_down
-    total = sum(_matrix_bytes(r, c, runtime, "fp32" if fp32 and mixed else precision)
+    total = sum(_matrix_bytes(r, c, runtime, "fp32" if fp32 and mixed else precision, block)
                 for r, c, fp32 in linear_shapes(cfg, sig))
     vocab, hidden = sig["vocab_size"], sig["hidden_size"]
     total += 4 * hidden * (2 * cfg.depth + 1)  # RMSNorm weights stay fp32
@@ -361,7 +368,8 @@ def size_bytes(cfg: SubnetConfig, sig: dict[str, int], *, runtime: str, precisio
     if ort and embedding == "int8-rows":
         total += vocab * hidden + 4 * vocab
     elif ort and embedding in ("blocks", "blocks-shared"):
-        total += _matrix_bytes(vocab, hidden, runtime, "int8-wo") if embedding == "blocks" else 4 * vocab * -(-hidden // 64)
+        b = block or 64
+        total += _matrix_bytes(vocab, hidden, runtime, "int8-wo", b) if embedding == "blocks" else 4 * vocab * -(-hidden // b)
         total += 3 * 8  # the int64 shape that joins the gathered blocks into rows
     elif embedding == "auto":
         emb_precision = "int8" if quantized and runtime == "openvino" else ("fp32" if quantized else precision)
@@ -371,7 +379,9 @@ def size_bytes(cfg: SubnetConfig, sig: dict[str, int], *, runtime: str, precisio
                          + (", int8-rows, blocks or blocks-shared" if ort else ""))
     if not tied:
         head_precision = "int8" if precision == "int4" and runtime == "openvino" else precision
-        total += _matrix_bytes(vocab, hidden, runtime, head_precision)
+        if precision == "int4" and ort and head_bits == 8:
+            head_precision = "int8-wo"
+        total += _matrix_bytes(vocab, hidden, runtime, head_precision, block)
     return int(total)
 
 

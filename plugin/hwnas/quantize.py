@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 METHODS: dict[str, tuple[str, ...]] = {
     "ort-int8": ("torch", "onnx"),
     "ort-int8-wo": ("torch", "onnx"),
+    "ort-int4": ("torch", "onnx"),
     "nncf-int8": ("torch", "onnx"),
     "nncf-int4": ("torch", "onnx"),
     "ov-int8": ("torch",),
@@ -54,7 +55,7 @@ METHODS: dict[str, tuple[str, ...]] = {
 # working methods lose on the default model, below what a broken one (full-range int8 without VNNI) loses.
 DEFAULT_MAX_KL = 1.0
 FALLBACKS = ("error", "adjust", "ignore")  # NNCF's GroupSizeFallbackMode
-GROUPED = ("nncf-int4", "ov-int4")  # the methods whose group size is a choice
+GROUPED = ("ort-int4", "nncf-int4", "ov-int4")  # the methods whose group size is a choice
 RUNTIMES = {"ort": "onnxruntime", "nncf": "onnxruntime", "ov": "openvino, INFERENCE_PRECISION_HINT f32",
             "bnb": "torch + bitsandbytes"}
 _LIBRARIES = {"ort": ("onnxruntime", "onnx", "optimum-onnx"), "nncf": ("nncf", "onnx", "onnxruntime", "optimum-onnx"),
@@ -63,7 +64,7 @@ _LIBRARIES = {"ort": ("onnxruntime", "onnx", "optimum-onnx"), "nncf": ("nncf", "
 
 def quantize_model(model: str | Path, method: str, out: str | Path, *, samples: int = 8, max_kl: float = DEFAULT_MAX_KL,
                    accept_loss: bool = False, overwrite: bool = False, group_size: int | None = None,
-                   group_size_fallback: str = "error", keep_fp32: str | None = None,
+                   group_size_fallback: str = "error", keep_fp32: str | None = None, head_bits: int | None = None,
                    progress: bool = True) -> dict[str, Any]:
     """Quantize `model` (a checkpoint folder, `smollm2-135m`, or an Optimum ONNX folder) with `method` into `out`.
 
@@ -78,6 +79,8 @@ def quantize_model(model: str | Path, method: str, out: str | Path, *, samples: 
     from .progress import tqdm
 
     _check_args(method, samples, max_kl, group_size, group_size_fallback, keep_fp32)
+    if head_bits is not None and method != "ort-int4":
+        raise HwnasError(f"--head-bits applies to ort-int4 only, not {method}")
     src, kind = _source(model, method)
     if src == Path(out).resolve() or src in Path(out).resolve().parents:
         raise HwnasError(f"output {out} would replace the source {src}; choose another folder")
@@ -90,7 +93,8 @@ def quantize_model(model: str | Path, method: str, out: str | Path, *, samples: 
         steps.set_postfix_str("quantize")
         started = time.perf_counter()
         settings = BACKENDS[family](src, kind, tmp, method=method, model=ref, tokenizer=tokenizer,
-                                    group_size=group_size, fallback=group_size_fallback, keep_fp32=keep_fp32)
+                                    group_size=group_size, fallback=group_size_fallback, keep_fp32=keep_fp32,
+                                    head_bits=head_bits)
         seconds = time.perf_counter() - started
         steps.update()
         steps.set_postfix_str("quality")
@@ -124,7 +128,9 @@ def _check_args(method: str, samples: int, max_kl: float, group_size: int | None
     if fallback not in FALLBACKS:
         raise HwnasError(f"unknown group-size fallback {fallback!r}; expected one of {list(FALLBACKS)}")
     if (group_size is not None or fallback != "error") and method not in GROUPED:
-        raise HwnasError(f"group size options apply to {' and '.join(GROUPED)} only, not {method}")
+        raise HwnasError(f"group size options apply to {', '.join(GROUPED)} only, not {method}")
+    if fallback != "error" and method == "ort-int4":
+        raise HwnasError("--group-size-fallback is NNCF's option; ort-int4 needs a block size dividing every width")
     if group_size is not None and group_size < 1:
         raise HwnasError(f"group size must be a positive integer, got {group_size}")
     if keep_fp32 is not None and (method, keep_fp32) != ("ort-int8", "down_proj"):

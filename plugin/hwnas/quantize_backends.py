@@ -23,7 +23,8 @@ from .export import export_onnx, export_openvino, runtime_config
 from .fused import is_fused
 from .onnx_graph import (PROTO_LIMIT, down_proj_nodes, embedding_gathers, needs_external_data, opset_version,
                          quantize_embeddings, share_embeddings, tied_heads, untie_lm_head)
-from .quantize_settings import GRAPH_KEYS, ORT_INT4, ORT_INT8_WO, ort_int8_settings, ov_compression, settings_for
+from .quantize_settings import (GRAPH_KEYS, ORT_INT4, ORT_INT4_BLOCKS, ORT_INT8_WO, ort_int8_settings, ov_compression,
+                                settings_for)
 from .runner import cpu_info
 from .space import SubnetConfig
 from .supernet import Calibration, calibration_batches
@@ -36,16 +37,20 @@ WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".onnx_data", ".bin")
 
 
 def quantize_onnx(src: str | Path, dst: str | Path, *, precision: str, isa: str,
-                  fp32_down: Collection[int] | str = ()) -> dict[str, Any]:
+                  fp32_down: Collection[int] | str = (), block_size: int | None = None,
+                  head_bits: int | None = None) -> dict[str, Any]:
     """Quantize the ONNX graph `src` into `dst` for onnxruntime; returns the settings used.
 
     int8 is dynamic quantization (`quantize_dynamic`); int8-wo and int4 are weight-only (MatMulNBits).
+    int4 only: `block_size` (32, 64 or 128) and `head_bits` (8, or 4 to quantize the LM head as the rest).
     int8 only: `fp32_down` keeps the down_proj MatMuls of those decoder layers (or of all, "all") in
     fp32; the settings then list them as `nodes_to_exclude`.
     """
     src, dst = Path(src), Path(dst)
     if fp32_down and precision != "int8":
         raise HwnasError(f"keeping down_proj fp32 is an option of onnxruntime's dynamic int8, not {precision}")
+    if (block_size is not None or head_bits is not None) and precision != "int4":
+        raise HwnasError(f"block size and LM-head bits are options of onnxruntime int4, not {precision}")
     if precision == "int8-wo":
         return _quantize_nbits(src, dst, dict(ORT_INT8_WO))
     if precision == "int8":
@@ -74,7 +79,13 @@ def quantize_onnx(src: str | Path, dst: str | Path, *, precision: str, isa: str,
         return {"method": "onnxruntime.quantize_dynamic", **settings, "untied_matmuls": untied,
                 "int8_embeddings": tables}
     if precision == "int4":
-        return _quantize_nbits(src, dst, dict(ORT_INT4))
+        settings = dict(ORT_INT4)
+        if block_size is not None and block_size not in ORT_INT4_BLOCKS:
+            raise HwnasError(f"int4 block size {block_size} is not supported; expected one of {ORT_INT4_BLOCKS}")
+        if head_bits is not None and head_bits not in (4, 8):
+            raise HwnasError(f"LM-head bits {head_bits} are not supported; expected 4 or 8")
+        settings.update({k: v for k, v in (("block_size", block_size), ("head_bits", head_bits)) if v is not None})
+        return _quantize_nbits(src, dst, settings)
     raise HwnasError(f"onnxruntime precision {precision!r} is not supported; expected fp32, int8, int8-wo or int4")
 
 
@@ -92,8 +103,14 @@ def _quantize_nbits(src: Path, dst: Path, settings: dict[str, Any]) -> dict[str,
     chatty = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")  # logs every node it skips
     level = chatty.level
     chatty.setLevel(logging.WARNING)
+    heads = untied if settings.get("head_bits", kwargs["bits"]) != kwargs["bits"] else []
     try:
-        q = MatMulNBitsQuantizer(graph, **kwargs)
+        if heads:  # the LM head first, at its own bits: the second pass then finds no MatMul left there
+            others = [n.name for n in graph.graph.node if n.op_type == "MatMul" and n.name not in heads]
+            first = MatMulNBitsQuantizer(graph, **{**kwargs, "bits": settings["head_bits"]}, nodes_to_exclude=others)
+            first.process()
+            graph = first.model.model
+        q = MatMulNBitsQuantizer(graph, **kwargs, nodes_to_exclude=heads)
         q.process()
     finally:
         chatty.setLevel(level)
@@ -136,7 +153,7 @@ def copy_side_files(src: Path, dst: Path) -> None:
 
 # -- the backends: (src, kind, dst, ...) -> the exact settings used; each leaves a loadable folder in dst
 def _ort(src: Path, kind: str, dst: Path, *, method: str, model: Any, keep_fp32: str | None,
-         **_: Any) -> dict[str, Any]:
+         group_size: int | None = None, head_bits: int | None = None, **_: Any) -> dict[str, Any]:
     precision, isa = method.removeprefix("ort-"), cpu_info()["isa"]
     onnx_dir = _as_onnx(src, kind, dst, model,
                         fused_attention=settings_for("onnxruntime", precision, isa).get("fused_attention", False))
@@ -145,8 +162,10 @@ def _ort(src: Path, kind: str, dst: Path, *, method: str, model: Any, keep_fp32:
         logger.info("ort-int8-wo quantizes every down_proj: the fp32 down_proj that %s marks is a remedy for "
                     "dynamic int8's activation loss, which weight-only int8 does not have", src)
         fp32_down = ()
+    if precision == "int4" and fp32_down:
+        fp32_down = ()  # as for int8-wo: weight-only quantization has no activation loss to remedy
     settings = quantize_onnx(onnx_dir / "model.onnx", dst / "model.onnx", precision=precision, isa=isa,
-                             fp32_down=fp32_down)
+                             fp32_down=fp32_down, block_size=group_size, head_bits=head_bits)
     copy_side_files(onnx_dir, dst)
     if onnx_dir != src:
         shutil.rmtree(onnx_dir)

@@ -11,14 +11,19 @@ from .common import HwnasError
 
 VNNI = ("amx", "avx512vnni", "avxvnni")  # ISA levels with int8 dot products; without them u8s8 products can saturate
 OV_GROUP_SIZE = 64  # divides every MLP width (multiples of 64) and every Llama hidden size
-ORT_INT4 = {"block_size": 32, "is_symmetric": True, "bits": 4}
+# Weight-only int4 (MatMulNBits, `ort-int4`): symmetric blocks of 32 along K (128 with --group-size 128), int8
+# compute inside the kernel (accuracy_level 4), fused attention; the LM head (untied) stays int8 (`head_bits`), as
+# its error reaches every logit, and the embedding Gathers read its int8 blocks, as for int8-wo.
+ORT_INT4 = {"bits": 4, "block_size": 32, "is_symmetric": True, "accuracy_level": 4, "untie_lm_head": True,
+            "head_bits": 8, "shared_embedding": True, "fused_attention": True}
+ORT_INT4_BLOCKS = (32, 64, 128)  # block sizes MatMulNBits' int4 CPU kernels take
 # Weight-only int8 (MatMulNBits, `ort-int8-wo`): symmetric blocks of 64 along K (a narrower input is padded, and the
 # size model counts the padding), activations quantized per block inside the kernel (accuracy_level 4; 0 computes
 # in fp32, far slower). The LM head gets its own weight (`untie_lm_head`) whose int8 blocks the embedding Gathers
 # read (`shared_embedding`), so a tied model stores the matrix once; the graph uses onnxruntime's fused attention.
 ORT_INT8_WO = {"bits": 8, "block_size": 64, "is_symmetric": True, "accuracy_level": 4, "untie_lm_head": True,
                "shared_embedding": True, "fused_attention": True}
-GRAPH_KEYS = ("untie_lm_head", "quantize_embedding", "shared_embedding", "fused_attention")  # not the quantizer's
+GRAPH_KEYS = ("untie_lm_head", "quantize_embedding", "shared_embedding", "fused_attention", "head_bits")  # not the quantizer's
 
 
 def ort_int8_settings(isa: str) -> dict[str, Any]:
