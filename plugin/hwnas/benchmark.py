@@ -1,8 +1,9 @@
 """End-to-end benchmark of deployed models: `hwnas benchmark --model PATH [--compare A B ...] --out FILE.json`.
 
 A model is a torch checkpoint (full model, sub-network, bitsandbytes-quantized), an Optimum ONNX
-folder (`text-generation-with-past`) or an optimum-intel OpenVINO IR folder (stateful); the runtime
-is read from the folder unless given. Each model runs in its own worker process, the way deployment
+folder (`text-generation-with-past`), an optimum-intel OpenVINO IR folder (stateful), a GGUF file for
+llama.cpp (`hwnas.llamacpp`) or an ONNX Runtime GenAI folder (`hwnas.genai`); the runtime is read
+from the folder unless given. Each model runs in its own worker process, the way deployment
 runs it: torch with its KV cache (`logits_to_keep=1`, as `generate` does), onnxruntime with the
 present KV tensors fed back as the next step's past, OpenVINO as a compiled stateful model.
 
@@ -36,13 +37,16 @@ import numpy as np
 
 from . import runner
 from .common import HwnasError, atomic_write_json, atomic_write_text, point_library_caches
+from .genai import GenAILM, is_genai, onnx_file, versions as genai_versions
+from .llamacpp import LlamaCppLM, gguf_file, gguf_sizes, versions as llamacpp_versions
 from .loading import DEFAULT_MODEL, load_model, resolve_model
 
-RUNTIMES = ("torch", "onnxruntime", "openvino")
+RUNTIMES = ("torch", "onnxruntime", "openvino", "llamacpp", "ortgenai")
 FORMAT = "hwnas-benchmark/1"
 SEED = 0
 _WHAT = {"torch": "a torch checkpoint (config.json + *.safetensors)", "onnxruntime": "an ONNX model (*.onnx)",
-         "openvino": "an OpenVINO IR (*.xml + *.bin)"}
+         "openvino": "an OpenVINO IR (*.xml + *.bin)", "llamacpp": "a llama.cpp model (*.gguf)",
+         "ortgenai": "an ONNX Runtime GenAI model (genai_config.json)"}
 # Run in the worker instead of `python -m hwnas.benchmark`: importing the package runs hwnas/__init__.py,
 # which imports torch, and an onnxruntime or OpenVINO worker's peak memory should be its runtime's alone.
 _BOOT = """import sys, types
@@ -77,8 +81,11 @@ def locate(model: str | os.PathLike, runtime: str | None = None) -> tuple[str, P
 
 def _formats(path: Path) -> dict[str, Path]:
     if path.is_file():
-        return {".onnx": {"onnxruntime": path}, ".xml": {"openvino": path}}.get(path.suffix, {})
-    found = {}
+        return {".onnx": {"onnxruntime": path}, ".xml": {"openvino": path},
+                ".gguf": {"llamacpp": path}}.get(path.suffix, {})
+    if is_genai(path):  # its model.onnx takes GenAI's inputs, not Optimum's
+        return {"ortgenai": path}
+    found = {"llamacpp": gguf} if (gguf := gguf_file(path)) else {}
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         found["torch"] = path
     irs = [x for x in path.glob("*.xml") if x.with_suffix(".bin").is_file() and "tokenizer" not in x.name]
@@ -99,12 +106,17 @@ def sizes(runtime: str, path: Path) -> dict[str, int]:
     try:
         if runtime == "torch":
             return {"file_bytes": sum(f.stat().st_size for f in (*path.glob("*.safetensors"), *path.glob("*.bin")))}
+        if runtime == "llamacpp":
+            return gguf_sizes(path)
+        path = onnx_file(path) if runtime == "ortgenai" else path
         if runtime == "openvino":
             return {"file_bytes": path.stat().st_size + path.with_suffix(".bin").stat().st_size,
                     "weights_read_bytes": weights_read(*_openvino_graph(path))}
         consts, nodes, data = _onnx_graph(path)
         return {"file_bytes": path.stat().st_size + sum((path.parent / d).stat().st_size for d in data),
                 "weights_read_bytes": weights_read(consts, nodes)}
+    except HwnasError:
+        raise
     except Exception as e:  # a truncated or foreign file surfaces as many exception types
         raise HwnasError(f"cannot read {path} as {_WHAT[runtime]}: {type(e).__name__}: {e}") from None
 
@@ -281,7 +293,9 @@ class OpenVinoLM:
         return self.req.get_tensor("logits").data[0, -1].copy()
 
 
-LOADERS = {"torch": TorchLM, "onnxruntime": OrtLM, "openvino": OpenVinoLM}
+LOADERS = {"torch": TorchLM, "onnxruntime": OrtLM, "openvino": OpenVinoLM, "llamacpp": LlamaCppLM, "ortgenai": GenAILM}
+SIZED = ("llamacpp", "ortgenai")  # their loaders size the KV cache (context) up front
+EDGE_VERSIONS = {"llamacpp": llamacpp_versions, "ortgenai": genai_versions}
 
 
 def measure_round(lm: Any, prompt: np.ndarray, new_tokens: int, *, warmup: int, repeats: int) -> dict[str, Any]:
@@ -327,7 +341,8 @@ def _worker(spec_json: str) -> int:
         spec = json.loads(spec_json)
         point_library_caches()
         baseline, t0 = _memory("VmRSS"), time.perf_counter()
-        lm = LOADERS[spec["runtime"]](Path(spec["path"]), spec["threads"])
+        sized = {"context": spec["prompt_tokens"] + spec["new_tokens"]} if spec["runtime"] in SIZED else {}
+        lm = LOADERS[spec["runtime"]](Path(spec["path"]), spec["threads"], **sized)
         send({"load_s": time.perf_counter() - t0, "baseline_rss_bytes": baseline, "vocab": lm.vocab, "info": lm.info})
         prompt = prompt_ids(lm.vocab, spec["prompt_tokens"])
         while line := sys.stdin.readline():
@@ -460,7 +475,8 @@ def benchmark(models: list[str | os.PathLike], *, runtime: str | None = None, la
     cpu = runner.cpu_info()
     report = {"format": FORMAT, "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "device": {**cpu, "threads": threads, "id": runner.device_id(cpu, threads)},
-              "versions": {k: v for rt in sorted({e["runtime"] for e in entries}) for k, v in runner.versions(rt).items()}
+              "versions": {k: v for rt in sorted({e["runtime"] for e in entries}) for k, v in
+                           (EDGE_VERSIONS[rt]() if rt in EDGE_VERSIONS else runner.versions(rt)).items()}
               | {"numpy": np.__version__},
               "settings": {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "threads": threads,
                            "repeats": repeats, "rounds": rounds, "warmup_per_round": warmup, "seed": SEED,
@@ -526,8 +542,8 @@ def markdown(report: dict[str, Any]) -> str:
                     f"{r['file_bytes']:.2f} | {e['decode_ms_per_token']['spread']:.0%} |")
     rows += ["", "Floor: bytes of weights read per decoded token (a tied LM head whole, one embedding row) over the "
              "bandwidth; the KV cache read is not counted. Peak RSS: each worker process's VmHWM, runtime libraries "
-             "included. torch's prefill computes the last position's logits only (as `generate` does); the exported "
-             "ONNX and OpenVINO graphs compute them for every prompt position."]
+             "included. torch's and llama.cpp's prefill compute the last position's logits only (as `generate` does); "
+             "the exported ONNX, OpenVINO and GenAI graphs compute them for every prompt position."]
     if small:
         rows.append(f"*: the weights fit in the {bw['llc_bytes'] >> 20} MiB last-level cache, so memory bandwidth "
                     "does not bound them.")

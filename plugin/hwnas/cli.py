@@ -17,6 +17,7 @@ from . import defaults as D
 from .common import HwnasError, output_lock, point_library_caches, prepare_output
 from .data import CALIBRATION_SOURCES
 from .defaults import DEFAULT_MODEL
+from .gguf_export import GGUF_TYPES
 from .selection import ITEMS as SELECT_ITEMS, METRICS
 
 
@@ -57,6 +58,13 @@ def onnx(*, model: Path, out: Path, opset: int | None = None, overwrite: bool = 
 
     return export_onnx_checkpoint(model=model, out=out, opset=opset, overwrite=overwrite,
                                   fused_attention=fused_attention)
+
+
+def gguf(*, model: str = DEFAULT_MODEL, out: Path, type: str = "q8_0", overwrite: bool = False) -> dict[str, Any]:
+    """Write a checkpoint (full model or sub-network) as one GGUF file for llama.cpp."""
+    from .gguf_export import export_gguf
+
+    return export_gguf(model, out, gguf_type=type, overwrite=overwrite)
 
 
 def generate(*, model: str = DEFAULT_MODEL, prompt: str = D.PROMPT, max_new_tokens: int = 20) -> dict[str, Any]:
@@ -285,13 +293,14 @@ def benchmark(
 
 def quantize(*, model: str = DEFAULT_MODEL, method: str, out: Path, samples: int = 8, max_kl: float | None = None,
              accept_loss: bool = False, overwrite: bool = False, group_size: int | None = None,
-             group_size_fallback: str = "error", keep_fp32: str | None = None) -> dict[str, Any]:
+             group_size_fallback: str = "error", keep_fp32: str | None = None,
+             head_bits: int | None = None) -> dict[str, Any]:
     """Quantize a checkpoint (or an ONNX folder) for its runtime and check the loss against the fp32 model."""
     from .quantize import DEFAULT_MAX_KL, quantize_model
 
     return quantize_model(model, method, out, samples=samples, max_kl=DEFAULT_MAX_KL if max_kl is None else max_kl,
                           accept_loss=accept_loss, overwrite=overwrite, group_size=group_size,
-                          group_size_fallback=group_size_fallback, keep_fp32=keep_fp32)
+                          group_size_fallback=group_size_fallback, keep_fp32=keep_fp32, head_bits=head_bits)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -336,6 +345,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     c.add_argument("--fused-attention", action="store_true",
                    help="write each attention layer as onnxruntime's GroupQueryAttention (faster; onnxruntime only)")
+    c = cmd("gguf", gguf, "write a checkpoint as a GGUF file for llama.cpp (a sub-network with per-layer shapes as "
+            "llama.cpp's DeciLM architecture)")
+    model_arg(c)
+    c.add_argument("--out", type=Path, required=True, help="the .gguf file to write")
+    c.add_argument("--type", default="q8_0", choices=list(GGUF_TYPES),
+                   help="weight type (default q8_0; q4_0/q4_1 use llama.cpp's quantizer when llama-cpp-python is "
+                        "installed)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     c = cmd("generate", generate, "greedy generation from a model or sub-network checkpoint")
     model_arg(c)
     c.add_argument("--prompt", default=D.PROMPT)
@@ -513,11 +530,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="bf16 autocast (default: where the CPU has AMX or AVX512-BF16, or the GPU bf16)")
     c.add_argument("--seed", type=int, default=0)
     c = cmd("benchmark", benchmark, "measure deployed models end to end (prefill, TTFT, decode, memory, size)")
-    c.add_argument("--model", default=None, help=f"model name, folder or .onnx/.xml file (default {DEFAULT_MODEL})")
+    c.add_argument("--model", default=None,
+                   help=f"model name, folder, .onnx/.xml/.gguf file or GenAI folder (default {DEFAULT_MODEL})")
     c.add_argument("--compare", nargs="+", default=None, metavar="MODEL",
                    help="more models, measured in interleaved rounds; ratios are against the first")
-    c.add_argument("--runtime", default=None, choices=["torch", "onnxruntime", "openvino"],
-                   help="default: read from each model folder")
+    c.add_argument("--runtime", default=None, choices=["torch", "onnxruntime", "openvino", "llamacpp", "ortgenai"],
+                   help="default: read from each model folder (llamacpp and ortgenai need pip install 'hwnas[edge]')")
     c.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
     c.add_argument("--new-tokens", type=int, default=32, help="tokens generated, the first included (default 32)")
     c.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
@@ -537,12 +555,15 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"mean next-token KL (nats) to the fp32 model above which it fails (default {DEFAULT_MAX_KL})")
     c.add_argument("--accept-loss", action="store_true", help="exit 0 even when the KL exceeds --max-kl")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    c.add_argument("--group-size", type=int, default=None, help="group size of nncf-int4 and ov-int4 (default 64)")
+    c.add_argument("--group-size", type=int, default=None,
+                   help="group size of nncf-int4 and ov-int4 (default 64), block size of ort-int4 (32, 64, 128; default 32)")
     c.add_argument("--group-size-fallback", default="error", choices=["error", "adjust", "ignore"],
                    help="int4 layers whose width the group size does not divide: error, adjust or ignore (NNCF)")
     c.add_argument("--keep-fp32", default=None, choices=["down_proj"],
                    help="ort-int8: keep every layer's down_proj in fp32 (most of int8's loss; a searched sub-network "
                    "already says which layers in its hwnas_subnet.json)")
+    c.add_argument("--head-bits", type=int, default=None, choices=[4, 8],
+                   help="ort-int4: bits of the LM head (default 8; 4 quantizes it as the rest)")
     return p
 
 
