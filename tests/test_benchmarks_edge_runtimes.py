@@ -108,7 +108,6 @@ def test_whole_script_on_the_tiny_model(tiny_model, tmp_path, export_subnets):
     """--full tiny model and a uniform tiny sub-network: every artifact builds, runs in one benchmark and is scored."""
     pytest.importorskip("llama_cpp")
     pytest.importorskip("onnxruntime_genai")
-    pytest.importorskip("hwnas.gguf_export")
     sub = export_subnets(tiny_model, tmp_path, {"uniform": {"num_layers": 4, "layers": [0, 2, 3], "mlp": [192] * 3,
                                                             "heads": [4] * 3, "kv_heads": [2] * 3}})["uniform"]
     out = tmp_path / "res" / "edge"

@@ -59,7 +59,6 @@ def tiny_genai(tiny_model, tmp_path_factory) -> dict[str, Path]:
     return {p: Path(build_genai(tiny_model, d / p, p)["out"]) for p in ("fp32", "int8")}
 
 
-@pytest.mark.slow
 def test_builder_output_matches_torch(tiny_model, tiny_genai, tmp_path):
     """fp32 through the shim gives torch's logits, step by step with the KV cache and after a reset; genai_nll equals
     torch's NLL on the same windows; an existing output is refused without overwrite."""
@@ -108,3 +107,31 @@ def test_genai_interleaves_with_onnxruntime_in_one_benchmark(tiny_model, tiny_ge
     assert fp32["runtime_info"]["max_length"] == 17 and report["versions"]["onnxruntime-genai"] == "0.18.0"
     assert int8["weights_read_bytes"] < fp32["weights_read_bytes"] and int8["file_bytes"] < fp32["file_bytes"]
     assert all(m[k]["median"] > 0 for m in report["models"] for k in ("prefill_ms", "decode_ms_per_token"))
+
+
+TEXT = "The capital of France is Paris. 12345 naïve  café\n"
+
+
+def genai_ids(folder: Path, text: str) -> list[int]:
+    import onnxruntime_genai as og
+
+    return [int(i) for i in og.Tokenizer(og.Model(str(folder))).encode(text)]
+
+
+def test_genai_tokenizes_as_the_checkpoint_does(tiny_model, tiny_genai):
+    from transformers import AutoTokenizer
+
+    assert genai_ids(tiny_genai["fp32"], TEXT) == AutoTokenizer.from_pretrained(tiny_model)(TEXT)["input_ids"]
+
+
+@pytest.mark.slow
+def test_default_model_tokenizer_round_trips_through_genai(tmp_path):
+    """The default model's tokenizer (rebuilt as GPT-2 BPE with the smollm pre-tokenizer) gives GenAI's tokenizer
+    the same ids; the byte-fallback one transformers makes from the GGUF gave -1 ids there."""
+    from transformers import AutoTokenizer
+
+    from hwnas.loading import resolve_model
+
+    src = resolve_model("smollm2-135m")
+    out = Path(build_genai(src, tmp_path / "genai", "int4")["out"])
+    assert genai_ids(out, TEXT) == AutoTokenizer.from_pretrained(src)(TEXT)["input_ids"]

@@ -145,7 +145,7 @@ def test_llamacpp_matches_torch_and_interleaves_with_onnxruntime(requantized, tm
 def test_tiny_model_through_gguf_export(tiny_model, tmp_path):
     """The tiny model as GGUF (hwnas.gguf_export) runs in the benchmark and scores an NLL."""
     pytest.importorskip("llama_cpp")
-    gguf_export = pytest.importorskip("hwnas.gguf_export")
+    from hwnas import gguf_export
     from hwnas.benchmark import benchmark
     from hwnas.llamacpp import gguf_nll
 
