@@ -29,7 +29,7 @@ def test_deployed_onnx_of_a_heterogeneous_subnet_matches_torch(tiny_model, tmp_p
 
 @pytest.mark.parametrize("runtime, precision, match", [
     ("torch", "int8", "torch deployment is fp32"),
-    ("onnxruntime", "int4", "cannot deploy onnxruntime/int4"),
+    ("openvino", "int8-wo", "cannot deploy openvino/int8-wo"),
 ])
 def test_deploy_refuses_a_target_it_has_no_method_for(runtime, precision, match, tiny_model, tmp_path):
     with pytest.raises(HwnasError, match=match):

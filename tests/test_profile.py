@@ -65,14 +65,12 @@ def test_onnxruntime_weight_only_blocks_are_matmulnbits_like_the_deployed_model(
     ops = lambda f: [n.op_type for n in onnx.load(str(d / f)).graph.node]  # noqa: E731
     assert ops("blocks/mlp.i128__decode.c128.onnx").count("MatMulNBits") == 3 * STACK
     head, deployed = ops("blocks/head__decode.c128.onnx"), ops(f"e2e/0/model_{precision}.onnx")
-    if precision == "int8-wo":  # the tied LM head gets its own weight and is quantized, as by `ort-int8-wo`
-        assert "MatMulNBits" in head and deployed.count("MatMulNBits") == 7 * 4 + 1
-        # fused attention and the int8-block embedding, in the blocks as in the deployed model
-        assert ops("blocks/attn.q4.kv2__decode.c128.onnx").count("GroupQueryAttention") == STACK
-        assert deployed.count("GroupQueryAttention") == 4 and "Softmax" not in deployed
-        assert "GatherBlockQuantized" in ops("blocks/embed__decode.c128.onnx") and "GatherBlockQuantized" in deployed
-    else:  # int4 keeps the tied LM head fp32
-        assert "MatMulNBits" not in head and deployed.count("MatMulNBits") == 7 * 4 and "MatMul" in deployed
+    # the tied LM head gets its own weight and is quantized (int8, also in int4), as by `hwnas quantize`
+    assert "MatMulNBits" in head and deployed.count("MatMulNBits") == 7 * 4 + 1
+    # fused attention and the int8-block embedding, in the blocks as in the deployed model
+    assert ops("blocks/attn.q4.kv2__decode.c128.onnx").count("GroupQueryAttention") == STACK
+    assert deployed.count("GroupQueryAttention") == 4 and "Softmax" not in deployed
+    assert "GatherBlockQuantized" in ops("blocks/embed__decode.c128.onnx") and "GatherBlockQuantized" in deployed
     header = json.loads((d / "manifest.json").read_text())["table_header"]
     assert header["quantization"] == settings_for("onnxruntime", precision, cpu_info()["isa"])
     assert "mixed_precision" not in header  # fp32 down_proj is a remedy for dynamic int8 only
