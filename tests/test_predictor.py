@@ -125,8 +125,8 @@ def test_fp32_down_proj_uses_its_own_entries_and_counts_fp32_bytes(tiny_int8_tab
     p = LatencyPredictor.load(tiny_int8_table)
     int8 = space.max_config()
     mixed = dataclasses.replace(int8, fp32_down=(1, 0, 0, 1))
-    e = p.table.entries
-    extra = 2 * (e["mlp.i256.dfp32/decode.c16"]["median_ms"] - e["mlp.i256/decode.c16"]["median_ms"])
+    ms = p.ms  # the entries' times, non-decreasing in width within each family (tables.monotone_ms)
+    extra = 2 * (ms["mlp.i256.dfp32/decode.c16"] - ms["mlp.i256/decode.c16"])
     assert p.block_sum(mixed, "decode") == pytest.approx(p.block_sum(int8, "decode") + extra)
     assert p.latency_ms(mixed, "prefill") > 0
     # a down_proj matrix (64 x 256) kept fp32: 4 bytes a weight instead of 1, and no scale and zero point
