@@ -5,8 +5,9 @@
     p.bytes(cfg)                     # weight bytes at the table's runtime and precision
 
 The block sum counts each block a sub-network runs (embedding, LM head, one attention and one MLP
-block per kept layer), with block times made non-decreasing in block size (`tables.monotone_ms`). What the sum misses is fitted on the table's calibration sub-networks,
-which were measured end to end when the table was made: per phase, the form among `sum`,
+block per kept layer), with block times made non-decreasing in block size (`tables.monotone_ms`).
+What the sum misses is fitted on the table's calibration sub-networks, which were measured end to end
+when the table was made: per phase, the form among `sum`,
 `a * sum`, `a * sum + c` and `a * sum + b * layers + c` with the lowest leave-one-out error on
 those points (a richer form must earn its parameters on points it did not see). The chosen form,
 its leave-one-out error and its residuals are kept with the predictor for a reader to check.
@@ -200,8 +201,8 @@ class LatencyPredictor:
     def __init__(self, table: LatencyTable) -> None:
         self.table = table
         self.ms = monotone_ms(table.entries)  # block times the sums use: non-decreasing in block size
-        moved = {k: v / float(table.entries[k]["median_ms"]) for k, v in self.ms.items()
-                 if float(table.entries[k]["median_ms"]) > 0 and abs(v / float(table.entries[k]["median_ms"]) - 1) > 0.25}
+        raw = {k: float(v["median_ms"]) for k, v in table.entries.items()}
+        moved = {k: v / raw[k] for k, v in self.ms.items() if raw[k] > 0 and abs(v / raw[k] - 1) > 0.25}
         if moved:
             worst = max(moved, key=lambda k: abs(moved[k] - 1))
             logger.warning("%s: %d block times are out of order with their size by more than 25%% (worst %s, x%.2f to "
@@ -369,7 +370,8 @@ def size_bytes(cfg: SubnetConfig, sig: dict[str, int], *, runtime: str, precisio
         total += vocab * hidden + 4 * vocab
     elif ort and embedding in ("blocks", "blocks-shared"):
         b = block or 64
-        total += _matrix_bytes(vocab, hidden, runtime, "int8-wo", b) if embedding == "blocks" else 4 * vocab * -(-hidden // b)
+        total += (_matrix_bytes(vocab, hidden, runtime, "int8-wo", b) if embedding == "blocks"
+                  else 4 * vocab * -(-hidden // b))
         total += 3 * 8  # the int64 shape that joins the gathered blocks into rows
     elif embedding == "auto":
         emb_precision = "int8" if quantized and runtime == "openvino" else ("fp32" if quantized else precision)
