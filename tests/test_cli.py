@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -84,3 +85,71 @@ def test_export_does_not_overwrite_without_asking(run_cli, tiny_model, tmp_path)
     assert proc.returncode == 2 and "--overwrite" in proc.stderr and (out / "keep.txt").read_text() == "mine"
     run_cli("export", "--model", str(tiny_model), "--subnet", str(cfg), "--out", str(out), "--overwrite")
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_what_the_reliability_audit_found_gets_the_one_line_error(tiny_model, tiny_tables, tmp_path, capsys,
+                                                                   monkeypatch):
+    """benchmarks/reliability.py's findings: each now ends as `hwnas: error: ...`, exit 2, nothing written."""
+    from hwnas import cli
+
+    def refused(args: list[str], message: str) -> None:
+        assert cli.main(args) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.startswith("hwnas: error: ") and message in captured.err
+        assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"num_layers": 4, "layers": [0, 2, 3], "mlp": [192] * 3, "heads": [4] * 3,
+                               "kv_heads": [2] * 3}))
+    # the edge runner's RunnerError
+    refused(["profile", "--model", str(tiny_model), "--import-measurements", str(tmp_path / "none"), "--out",
+             str(tmp_path / "t.json")], "has no manifest.json")
+    # an opset the exporter cannot write, refused before the model loads
+    for opset in ("5", "999"):
+        refused(["onnx", "--model", str(tiny_model), "--opset", opset, "--out", str(tmp_path / "o")],
+                f"--opset {opset} cannot be exported; expected 14 to")
+    # --tokens 0 was taken as "the table's default"
+    refused(["predict", "--table", str(tiny_tables["torch"]), "--subnet", str(cfg), "--tokens", "0"],
+            "--tokens must be a positive prompt / cache length, got 0")
+    # a baseline wrote its files into a folder of someone else's
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    refused(["baseline", "--method", "layer-drop", "--model", str(tiny_model), "--table", str(tiny_tables["torch"]),
+             "--latency-ratio", "0.8", "--out", str(tmp_path / "mine")], "is an existing non-empty folder")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    # numbers taken too late or not at all
+    refused(["generate", "--model", str(tiny_model), "--max-new-tokens", "-1"], "--max-new-tokens must be a positive")
+    refused(["perplexity", "--model", str(tiny_model), "--batch-size", "0"], "--batch-size must be a positive")
+    refused(["train-supernet", "--model", str(tiny_model), "--tokens", "128", "--minutes", "-1", "--out",
+             str(tmp_path / "sn")], "--minutes must be positive, got -1.0")
+    refused(["benchmark", "--model", str(tiny_model), "--prompt-tokens", "300", "--out", str(tmp_path / "b.json")],
+            "--prompt-tokens plus --new-tokens is 332, past the 256 positions")
+    refused(["run", "--model", str(tiny_model), "--runtime", "torch", "--table", str(tiny_tables["torch"]),
+             "--threads", "0", "--out", str(tmp_path / "run")], "--threads must be at least 1, got 0")
+    # a given table that does not fit is refused before the run's folder is made
+    refused(["run", "--model", str(tiny_model), "--runtime", "onnxruntime", "--precision", "fp32", "--table",
+             str(tiny_tables["torch"]), "--out", str(tmp_path / "run")], "does not match the target")
+    # weights that do not fit config.json: the loader's multi-line message on one line
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model, bad)
+    (bad / "config.json").write_text(json.dumps({**json.loads((bad / "config.json").read_text()),
+                                                 "intermediate_size": 512}))
+    refused(["generate", "--model", str(bad), "--max-new-tokens", "2"], "size mismatch for weight")
+    # safetensors reports a full disk as its own SafetensorError, not an OSError
+
+    class SafetensorError(Exception):
+        pass
+
+    def full_disk(**kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(cli, "space", full_disk)
+    refused(["space", "--model", str(tiny_model)], "No space left on device (os error 28) (expected a location")
+
+    def bug(**kwargs):
+        raise SafetensorError("Error while deserializing header: invalid")
+
+    monkeypatch.setattr(cli, "space", bug)  # any other exception is a bug, and is not hidden
+    with pytest.raises(SafetensorError):
+        cli.main(["space", "--model", str(tiny_model)])
+    assert not [p for p in tmp_path.iterdir() if p.name not in ("cfg.json", "mine", "bad")]

@@ -93,6 +93,24 @@ def test_a_killed_runs_temporaries_are_removed_by_the_next_write(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_folder_holding_only_a_killed_runs_temporaries_counts_as_empty(tmp_path):
+    import socket
+
+    from hwnas.common import prepare_output
+
+    host, dead = socket.gethostname(), 2 ** 22 + 12345
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / f".state.json.hwnas-{host}-{dead}-abc.tmp"  # killed inside its first write
+    stale.write_text("{")
+    assert prepare_output(out, overwrite=False) == out and not stale.exists()
+    live = out / f".state.json.hwnas-{host}-{os.getpid()}-abc.tmp"  # a live run's is kept, and counts
+    live.write_text("{")
+    with pytest.raises(HwnasError, match="is an existing non-empty folder"):
+        prepare_output(out, overwrite=False)
+    assert live.exists()
+
+
 def test_outputs_get_the_users_umask_and_refuse_read_only_or_foreign_targets(tmp_path, monkeypatch):
     from hwnas.common import atomic_dir, atomic_write_text, prepare_output
 

@@ -8,6 +8,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -192,6 +193,29 @@ def test_search_killed_and_resumed_equals_an_uninterrupted_search(seed, tiny_mod
     assert json.loads((out / "pareto.json").read_text())["front"] == json.loads((ref / "pareto.json").read_text())["front"]
     assert _files(out) == _files(ref)
     assert not _leftovers(out)
+
+
+@pytest.mark.parametrize("resume", [True, False])
+def test_search_killed_before_its_first_state_write_reruns_or_resumes(resume, tiny_model, tiny_tables, clean,
+                                                                      hwnas_home, tmp_path):
+    """A search SIGKILLed before state.json exists, inside its first write of it: the temporary it leaves in `out`
+    does not make the rerun refuse, with --resume (nothing to resume: it starts afresh) or without."""
+    args = _search_args(tiny_model, tiny_tables["torch"])
+    ref, _, _ = clean("search", args)
+    out = tmp_path / "out"
+    proc = _start(hwnas_home, args(out), tmp_path / "log")
+    # killed once it holds its output (the lock is taken before the model loads), before any state is saved
+    _wait_for(proc, lambda: (tmp_path / ".out.lock").exists())
+    assert _kill(proc) and not (out / "state.json").exists()
+    # what a kill inside that first write leaves (a window of microseconds, too brief to hit reliably)
+    out.mkdir(exist_ok=True)
+    temp = out / f".state.json.hwnas-{socket.gethostname()}-{proc.pid}-x1y2z3.tmp"
+    temp.write_text('{"kind": "hwnas-search-st')
+    result = _run(hwnas_home, args(out) + (["--resume"] if resume else []), tmp_path / "rerun.log")
+    assert "Traceback" not in result.stderr and "hwnas: error" not in result.stderr
+    assert (out / "evaluations.csv").read_text() == (ref / "evaluations.csv").read_text()
+    assert _files(out) == _files(ref)
+    assert not temp.exists() and not _leftovers(out)
 
 
 def _heal_args(subnet: Path, tiny_model: Path, text: Path, tokens: int) -> Callable[[Path], list[str]]:

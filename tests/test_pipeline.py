@@ -118,6 +118,7 @@ def test_run_refuses_a_table_or_target_that_does_not_match(kwargs, match, tiny_m
 
     with pytest.raises(HwnasError, match=match):
         run(model=str(tiny_model), table=tiny_tables["onnxruntime"], out=tmp_path / "r", progress=False, **kwargs)
+    assert not (tmp_path / "r").exists()  # refused before the run's folder (and its run_args.json) is made
 
 
 def test_every_quantized_target_has_its_method_and_the_settings_its_table_records():

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .common import HwnasError, atomic_write_json, read_json
+from .common import HwnasError, atomic_write_json, prepare_output, read_json
 from .defaults import BASELINE_EVALUATIONS, BASELINE_POPULATION, CALIBRATION_SOURCE, DEFAULT_MODEL
 from .export import export_checkpoint
 from .pruning import layer_drop, least_influential, width_uniform
@@ -42,6 +42,9 @@ def run_baseline(*, method: str, model: str = DEFAULT_MODEL, table: str | Path, 
     out = Path(out)
     if (out / "baseline.json").exists() and not overwrite:
         raise HwnasError(f"{out} already holds a baseline; pass --overwrite or choose another --out")
+    if not overwrite:  # a folder of other files is not a baseline's; an unfinished baseline's is resumed
+        own = any((out / n).exists() for n in ("search", "checkpoint", "subnet.json"))
+        prepare_output(out, overwrite=False, own=own)
     sp = setup(model=model, table=str(table), phase=phase, latency_budget=latency_budget, latency_ratio=latency_ratio,
                calibration_source=calibration_source)
     obj, space = sp.objectives, sp.supernet.search_space

@@ -79,6 +79,18 @@ def locate(model: str | os.PathLike, runtime: str | None = None) -> tuple[str, P
     return runtime, found[runtime]
 
 
+def _check_positions(path: Path, tokens: int) -> None:
+    """Refuse a prompt plus generated tokens past the positions of the model's config.json, where it has one."""
+    config = (path if path.is_dir() else path.parent) / "config.json"
+    try:
+        positions = json.loads(config.read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):  # no config (a bare graph, GGUF): the runtime decides
+        return
+    if type(positions) is int and tokens > positions:
+        raise HwnasError(f"--prompt-tokens plus --new-tokens is {tokens}, past the {positions} positions of {config}; "
+                         f"expected at most {positions} in all")
+
+
 def _formats(path: Path) -> dict[str, Path]:
     if path.is_file():
         return {".onnx": {"onnxruntime": path}, ".xml": {"openvino": path},
@@ -443,6 +455,8 @@ def benchmark(models: list[str | os.PathLike], *, runtime: str | None = None, la
         raise HwnasError(f"{len(labels)} labels for {len(models)} models")
     threads = threads or os.cpu_count() or 1
     targets = [locate(m, runtime) for m in models]
+    for _, p in targets:
+        _check_positions(p, prompt_tokens + new_tokens)
     labels = labels or _labels([Path(m).expanduser().resolve() for m in models])
     entries = [{"label": lb, "model": str(m), "path": str(p), "runtime": rt, **sizes(rt, p)}
                for lb, m, (rt, p) in zip(labels, models, targets)]

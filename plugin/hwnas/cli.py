@@ -18,6 +18,7 @@ from .common import HwnasError, output_lock, point_library_caches, prepare_outpu
 from .data import CALIBRATION_SOURCES
 from .defaults import DEFAULT_MODEL
 from .gguf_export import GGUF_TYPES
+from .runner import RunnerError
 from .selection import ITEMS as SELECT_ITEMS, METRICS
 
 
@@ -72,6 +73,8 @@ def generate(*, model: str = DEFAULT_MODEL, prompt: str = D.PROMPT, max_new_toke
     from .metrics import greedy_generate
     from .loading import load_model
 
+    if max_new_tokens < 1:
+        raise HwnasError(f"--max-new-tokens must be a positive integer, got {max_new_tokens}")
     m, tok = load_model(model, allow_subnet=True)
     if tok is None:
         raise HwnasError(f"{model} has no tokenizer; generation needs one")
@@ -86,6 +89,8 @@ def perplexity(*, model: str = DEFAULT_MODEL, split: str = "validation", limit: 
 
     if limit is not None and limit < 1:
         raise HwnasError(f"--limit must be a positive integer, got {limit}")
+    if batch_size < 1:
+        raise HwnasError(f"--batch-size must be a positive integer, got {batch_size}")
     m, tok, kind = load_artifact(model)
     if tok is None:
         raise HwnasError(f"{model} has no tokenizer; perplexity needs one")
@@ -595,6 +600,11 @@ def _stdout_to_stderr() -> Any:
         os.close(saved)
 
 
+def _storage_error(e: Exception) -> bool:
+    """safetensors' writer reports a full or read-only disk as a SafetensorError ("I/O error: ..."), not an OSError."""
+    return type(e).__name__ == "SafetensorError" and "I/O error" in str(e)
+
+
 def _os_error(e: OSError) -> str:
     where = f" {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "") if e.filename else ""
     return f"{e.strerror or e}:{where} (expected a location this user can write, with free space)" \
@@ -613,11 +623,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _stdout_to_stderr(), (output_lock(out) if locked else contextlib.nullcontext()):
             result = args.fn(**kwargs)
-    except HwnasError as e:
+    except (HwnasError, RunnerError) as e:  # RunnerError: the torch-free runner's bad manifest or argument
         print(f"hwnas: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"hwnas: error: {_os_error(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if not _storage_error(e):
+            raise
+        print(f"hwnas: error: {' '.join(str(e).split())} (expected a location this user can write, with free space)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         print("hwnas: interrupted", file=sys.stderr)

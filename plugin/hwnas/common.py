@@ -91,11 +91,20 @@ def _apply_umask(folder: Path) -> None:
 def clean_stale_temps(path: str | os.PathLike) -> list[Path]:
     """Remove the temporaries beside `path` that a killed run on this host left (its process is gone)."""
     path = Path(path)
-    if not path.parent.is_dir():
+    return _clean_stale(path.parent, re.escape(f".{path.name}.hwnas-{socket.gethostname()}-"))
+
+
+def clean_stale_temps_in(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries of every name directly in `folder` that a killed run on this host left."""
+    return _clean_stale(Path(folder), r"\..+?\.hwnas-" + re.escape(socket.gethostname()) + "-")
+
+
+def _clean_stale(folder: Path, prefix: str) -> list[Path]:
+    if not folder.is_dir():
         return []
-    pattern = re.compile(re.escape(f".{path.name}.hwnas-{socket.gethostname()}-") + r"(\d+)-")
+    pattern = re.compile(prefix + r"(\d+)-")
     removed = []
-    for p in path.parent.iterdir():
+    for p in folder.iterdir():
         m = pattern.match(p.name)
         if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
@@ -190,13 +199,17 @@ def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[P
 
 def prepare_output(out: str | os.PathLike, *, overwrite: bool, own: bool = False, option: str = "--out") -> Path:
     """Refuse an existing non-empty `out` (file or folder) unless it is the command's own resumable output (`own`)
-    or `overwrite` is given; with `overwrite`, the old output is removed first."""
+    or `overwrite` is given; with `overwrite`, the old output is removed first. The temporaries a killed hwnas run
+    left directly inside `out` are removed first, so a run killed before its first file was published is no
+    reason to refuse."""
     out = Path(out)
     if not out.exists() and not out.is_symlink():
         return out
     if overwrite:
         shutil.rmtree(out) if out.is_dir() and not out.is_symlink() else out.unlink()
         return out
+    if out.is_dir() and not out.is_symlink():  # a folder holding only a killed run's temporaries counts as empty
+        clean_stale_temps_in(out)
     if out.is_dir() and (own or not any(out.iterdir())):
         return out
     what = "non-empty folder" if out.is_dir() else "file"

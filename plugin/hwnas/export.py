@@ -241,6 +241,23 @@ def export_openvino(model: Any, out: str | Path) -> Path:
 
 
 ONNX_ATOL = 1e-3  # the largest logit difference from torch that `hwnas onnx` accepts
+MIN_OPSET = 14  # the Llama graph's operators (Trilu, ...); Optimum recommends 18, its default
+
+
+def check_opset(opset: int | None) -> None:
+    """An --opset the exporter can write: MIN_OPSET up to the newest that both torch's exporter and onnx know."""
+    if opset is None:
+        return
+    import onnx
+
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET as newest
+    except ImportError:  # a torch that moved it: the installed onnx's newest
+        newest = onnx.defs.onnx_opset_version()
+    newest = min(newest, onnx.defs.onnx_opset_version())
+    if not MIN_OPSET <= opset <= newest:
+        raise HwnasError(f"--opset {opset} cannot be exported; expected {MIN_OPSET} to {newest} "
+                         "(default: Optimum's, 18 for Llama)")
 
 
 def export_onnx_checkpoint(*, model: str | Path, out: str | Path, opset: int | None = None, overwrite: bool = False,
@@ -256,6 +273,7 @@ def export_onnx_checkpoint(*, model: str | Path, out: str | Path, opset: int | N
 
     from .loading import load_model, require_kind, resolve_model
 
+    check_opset(opset)
     src = resolve_model(model)
     require_kind(src, "torch", command="`hwnas onnx`")
     torch_model, tokenizer = load_model(src, allow_subnet=True)

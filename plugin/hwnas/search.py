@@ -345,6 +345,8 @@ def run_search(*, model: str = DEFAULT_MODEL, table: str, algorithm: str = "nsga
                          "or choose another --out")
     prepare_output(out, overwrite=False, own=state.exists())  # a folder of other files is not a search's
     saved = resume and state.exists()
+    if resume and not saved:  # e.g. killed before its first generation was saved: nothing is lost
+        log.warning("%s holds no saved search state; starting a new search", out)
     generation = state.read(args) if saved else 0  # before the model loads: a bad file fails fast
 
     sp = setup(model=model, table=table, phase=phase, latency_budget=latency_budget, latency_ratio=latency_ratio,
