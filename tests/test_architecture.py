@@ -16,8 +16,9 @@ RANKS = {
     3: ["predictor", "quality", "selection", "distill"],
     4: ["encoding", "pruning", "parallel", "instatune"],
     5: ["search", "search_report", "search_state"],
-    6: ["fused", "export", "gguf_export", "onnx_graph", "quantize_backends", "quantize", "deploy", "heal", "heal_select"],
-    7: ["blocks", "profile", "recalibrate", "validate_latency", "benchmark", "llamacpp", "genai", "lmeval", "baselines",
+    6: ["fused", "export", "llamacpp", "gguf_export", "onnx_graph", "quantize_backends", "quantize", "deploy", "heal",
+        "heal_select"],
+    7: ["blocks", "profile", "recalibrate", "validate_latency", "benchmark", "genai", "lmeval", "baselines",
         "run_report"],
     8: ["pipeline", "cli"],
 }

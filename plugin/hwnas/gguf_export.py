@@ -7,7 +7,6 @@ go through llama.cpp's `llama_model_quantize` (llama-cpp-python) when it is inst
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .common import HwnasError, atomic_file, prepare_output
+from .llamacpp import quantize_gguf
 from .loading import read_llama_config, resolve_model
 
 logger = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def export_gguf(model: str | Path, out: str | Path, *, gguf_type: str = "q8_0", 
             writer.write_tensors_to_file()
             writer.close()
             if llama_cpp is not None:
-                _quantize(llama_cpp, mid, tmp, gguf_type)
+                quantize_gguf(mid, tmp, gguf_type, threads=max(1, min(4, os.cpu_count() or 1)))
             types = Counter(t.tensor_type.name.lower() for t in gguf.GGUFReader(tmp).tensors)
         finally:
             mid.unlink(missing_ok=True)
@@ -254,14 +254,3 @@ def _write_tensors(writer: Any, path: Path, cfg: dict, shapes: list[dict], gguf_
     if "token_embd.weight" not in seen:
         raise HwnasError(f"{path} has no model.embed_tokens.weight; expected a complete Llama checkpoint")
     return fallback
-
-
-def _quantize(llama_cpp: Any, src: Path, dst: Path, gguf_type: str) -> None:
-    """llama.cpp's own quantizer: its choice of types per tensor (token_embd and output included)."""
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = {"q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1}[gguf_type]
-    params.nthread = max(1, min(4, os.cpu_count() or 1))
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if rc != 0:
-        raise HwnasError(f"llama.cpp's llama_model_quantize failed ({rc}) quantizing {src} to {gguf_type}")
-
