@@ -82,7 +82,7 @@ def test_every_method_writes_a_loadable_artifact_with_its_report(tiny_model, tmp
         import onnx
 
         ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
-        assert ops.count("MatMulNBits") == 7 * 4 + 1 and "MatMulInteger" not in ops  # 4 layers x 7 + the head
+        assert ops.count("MatMulNBits") == 5 * 4 + 1 and "MatMulInteger" not in ops  # 4 layers x 5 (qkv packed) + head
         assert report["settings"]["bits"] == 8 and report["settings"]["int8_embeddings"]
     if method == "ort-int4":
         import onnx
@@ -90,9 +90,9 @@ def test_every_method_writes_a_loadable_artifact_with_its_report(tiny_model, tmp
 
         nodes = [n for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
         bits = {n.name: next(helper.get_attribute_value(a) for a in n.attribute if a.name == "bits") for n in nodes}
-        assert len(nodes) == 7 * 4 + 1  # every linear layer and the head
+        assert len(nodes) == 5 * 4 + 1  # every linear layer (q, k, v packed) and the head
         assert [b for name, b in bits.items() if "lm_head" in name] == [8]  # the head int8, the rest int4
-        assert sorted(b for name, b in bits.items() if "lm_head" not in name) == [4] * 28
+        assert sorted(b for name, b in bits.items() if "lm_head" not in name) == [4] * 20
         assert report["settings"]["accuracy_level"] == 4 and report["settings"]["int8_embeddings"]
     if method == "ov-int4":
         assert report["settings"]["data_aware"] == {"awq": "applied", "scale_estimation": "applied"}
@@ -180,7 +180,7 @@ def test_ort_int8_keeps_the_down_proj_a_subnet_marks_fp32(subnet_dir, tiny_model
     nodes = onnx.load(str(tmp_path / "q" / "model.onnx")).graph.node
     kept = ["/model/layers.0/mlp/down_proj/MatMul", "/model/layers.2/mlp/down_proj/MatMul"]
     assert sorted(n.name for n in nodes if n.op_type == "MatMul" and "down_proj" in n.name) == kept
-    assert sum(n.op_type == "MatMulInteger" for n in nodes) == 7 * 3 + 1 - 2
+    assert sum(n.op_type == "MatMulInteger" for n in nodes) == 5 * 3 + 1 - 2  # q, k, v packed
     assert report["settings"]["nodes_to_exclude"] == kept
     everything = quantize(tiny_model, "ort-int8", tmp_path / "all", keep_fp32="down_proj")
     assert len(everything["settings"]["nodes_to_exclude"]) == 4

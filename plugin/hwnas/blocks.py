@@ -96,12 +96,12 @@ def block_module(block: Block, config: Any, *, fused: bool = False):
             self.register_buffer("cos_cache", torch.rand(config.max_position_embeddings, head_dim // 2))
             self.register_buffer("sin_cache", torch.rand(config.max_position_embeddings, head_dim // 2))
 
-        def forward(self, hidden_states, position_ids, *past):  # static shapes: the mask inputs are constants
+        def forward(self, hidden_states, *past):  # static shapes: the mask inputs are constants
             s, total = hidden_states.shape[1], past[0].shape[2] + hidden_states.shape[1]
             seqlens_k, total_t = torch.tensor([total - 1], dtype=torch.int32), torch.tensor(total, dtype=torch.int32)
             bias, presents = torch.zeros(1, 1, s, total), []
             for i, (norm, a) in enumerate(zip(self.norms, self.attns)):
-                o, k, v = attend(a, norm(hidden_states), position_ids, past[2 * i], past[2 * i + 1], seqlens_k, total_t,
+                o, k, v = attend(a, norm(hidden_states), past[2 * i], past[2 * i + 1], seqlens_k, total_t,
                                  bias, self.cos_cache, self.sin_cache)
                 hidden_states = hidden_states + o
                 presents += [k, v]
@@ -124,9 +124,8 @@ def block_inputs(block: Block, config: Any, *, fused: bool = False) -> dict[str,
     kv = {"shape": [1, block.kv_heads, past, head_dim], "dtype": "float32"}
     rot = {"shape": [1, s, head_dim], "dtype": "float32"}
     pasts = {f"past_{kind}_{i}": kv for i in range(block.copies) for kind in ("key", "value")}
-    if fused:
-        return {"hidden_states": hidden,
-                "position_ids": {"shape": [1, s], "dtype": "int64", "fill": "arange", "start": past}, **pasts}
+    if fused:  # rotary positions are the cache slots (hwnas.fused)
+        return {"hidden_states": hidden, **pasts}
     return {"hidden_states": hidden, "cos": rot, "sin": rot, **pasts}
 
 

@@ -211,13 +211,15 @@ def export_onnx(model: Any, out: str | Path, *, opset: int | None = None, fused_
     """
     from optimum.exporters.onnx import onnx_export_from_model
 
-    from .fused import gqa_attention
+    from .fused import finish_export, gqa_attention
 
     register_optimum()
     out = Path(out)
     with torch_quiet(), gqa_attention(model) if fused_attention else contextlib.nullcontext():
         onnx_export_from_model(model, output=out, task="text-generation-with-past", opset=opset, do_validation=False,
                                library_name="transformers")
+    if fused_attention:
+        finish_export(out / "model.onnx")
     runtime_config(out, fused_attention=fused_attention)
     return out / "model.onnx"
 
