@@ -150,8 +150,6 @@ CASES = [
       prep=copy("tiny", "m", edit_json("config.json", lambda c: {**c, "num_hidden_layers": "four"}))),
     C("space-mlp-step-zero", "space", "--mlp-step 0", "space", *M, "--mlp-step", "0"),
     C("space-mlp-step-negative", "space", "--mlp-step -64", "space", *M, "--mlp-step", "-64"),
-    C("space-mlp-step-indivisible", "space", "--mlp-step 100 does not divide the MLP width 256", "space", *M,
-      "--mlp-step", "100"),
     C("space-tokenizer-past-vocab", "space", "tokenizer larger than the vocabulary", "space", "--model", "{bigtok}",
       needs=("bigtok",)),
     C("space-argparse-int", "space", "--mlp-step abc (argparse)", "space", *M, "--mlp-step", "abc"),

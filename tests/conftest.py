@@ -81,6 +81,20 @@ def tiny_model(tiny_models: dict[str, Path]) -> Path:
     return tiny_models["gqa"]
 
 
+@pytest.fixture(scope="session")
+def train_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Training text for heals of the tiny models: 120 paragraphs of random words their tokenizer knows."""
+    import random
+
+    words = ("the capital of France is Paris Italy Rome she looked at him and smiled then walked to door without "
+             "a word small model learns shape language from many pages books").split()
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("train_text") / "train.txt"
+    path.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) + "."
+                                for _ in range(120)))
+    return path
+
+
 # A sub-network of the tiny MHA model whose layers keep 4, 2 and 1 whole KV groups (as on LLaMA2-7B).
 PER_LAYER_KV = {"num_layers": 4, "layers": [0, 1, 3], "mlp": [256, 128, 192], "heads": [4, 2, 1], "kv_heads": [4, 2, 1]}
 

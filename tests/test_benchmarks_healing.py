@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import random
 import re
 import subprocess
 import sys
@@ -23,18 +22,6 @@ SMALL = dict(seq_len=32, batch_size=4, micro_batch=2, lr=5e-3, progress=False)
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    """Varied sentences in the tiny tokenizer's words, one paragraph each."""
-    words = ("the capital of France is Paris Italy Rome she looked at him and smiled then walked to door without "
-             "a word small model learns shape language from many pages books").split()
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("text") / "train.txt"
-    path.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) + "."
-                                for _ in range(120)))
-    return path
-
-
-@pytest.fixture(scope="module")
 def subnets(tiny_model, tmp_path_factory, export_subnets) -> dict[str, Path]:
     return export_subnets(tiny_model, tmp_path_factory.mktemp("bench_subnets"), {"uniform": UNIFORM, "narrow": NARROW})
 
@@ -46,10 +33,10 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("lora_rank", [0, 2])
-def test_heal_snapshots_see_one_run_and_leave_it_unchanged(subnets, tiny_model, text_file, tmp_path, lora_rank):
+def test_heal_snapshots_see_one_run_and_leave_it_unchanged(subnets, tiny_model, train_text, tmp_path, lora_rank):
     from transformers import AutoModelForCausalLM
 
-    common = dict(model=subnets["uniform"], teacher=tiny_model, tokens=6 * 128, train_text=text_file,
+    common = dict(model=subnets["uniform"], teacher=tiny_model, tokens=6 * 128, train_text=train_text,
                   lora_rank=lora_rank, **SMALL)
     heal(out=tmp_path / "plain", **common)
     report = heal(out=tmp_path / "snap", snapshots=[256, 500], **common)
@@ -67,11 +54,11 @@ def test_heal_snapshots_see_one_run_and_leave_it_unchanged(subnets, tiny_model, 
     assert report["complete"] and report["tokens"] == 6 * 128
 
 
-def test_heal_refuses_snapshots_outside_the_run(subnets, tiny_model, text_file, tmp_path):
+def test_heal_refuses_snapshots_outside_the_run(subnets, tiny_model, train_text, tmp_path):
     from hwnas import HwnasError
 
     with pytest.raises(HwnasError, match=r"snapshots \[768\] are outside the run"):
-        heal(model=subnets["uniform"], teacher=tiny_model, tokens=6 * 128, out=tmp_path / "x", train_text=text_file,
+        heal(model=subnets["uniform"], teacher=tiny_model, tokens=6 * 128, out=tmp_path / "x", train_text=train_text,
              snapshots=[256, 768], **SMALL)
 
 
@@ -80,12 +67,12 @@ def _env() -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_healing_benchmark_end_to_end_and_resumes(subnets, tiny_model, text_file, tmp_path):
+def test_healing_benchmark_end_to_end_and_resumes(subnets, tiny_model, train_text, tmp_path):
     work, out = tmp_path / "work", tmp_path / "results"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "healing.py"), "--subnet", str(subnets["uniform"]),
            "--teacher", str(tiny_model), "--marks", "256", "512", "--quick-tokens", "384",
            "--tasks", "lambada", "arc_easy", "--items", "2", "--passages", "2", "--seq-len", "32", "--batch-size", "4",
-           "--micro-batch", "2", "--lr", "5e-3", "--train-text", str(text_file), "--throughput-steps", "1",
+           "--micro-batch", "2", "--lr", "5e-3", "--train-text", str(train_text), "--throughput-steps", "1",
            "--throughput-rounds", "1", "--lora-rank", "2", "--work", str(work), "--out-dir", str(out), "--quiet"]
     first = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -120,7 +107,7 @@ def _compare_module():
     return mod
 
 
-def test_compare_heals_each_network_once_and_keys_it_apart(subnets, tiny_model, text_file, tmp_path, monkeypatch):
+def test_compare_heals_each_network_once_and_keys_it_apart(subnets, tiny_model, train_text, tmp_path, monkeypatch):
     import hashlib
 
     import hwnas.heal
@@ -137,20 +124,20 @@ def test_compare_heals_each_network_once_and_keys_it_apart(subnets, tiny_model, 
     real = hwnas.heal.heal
     monkeypatch.setattr(hwnas.heal, "heal", lambda **kw: calls.append(kw) or real(**kw, seq_len=32, batch_size=4,
                                                                                      micro_batch=2, progress=False))
-    twins = compare.heal_all(rows, str(tiny_model), 512, list(compare.HEAL_METHODS), text_file, tmp_path)
+    twins = compare.heal_all(rows, str(tiny_model), 512, list(compare.HEAL_METHODS), train_text, tmp_path)
     assert [t["method"] for t in twins] == ["hwnas", "layer-drop", "width-uniform"]  # random not by default
-    assert len(calls) == 2 and all(c["tokens"] == 512 and c["train_text"] == text_file for c in calls)
+    assert len(calls) == 2 and all(c["tokens"] == 512 and c["train_text"] == train_text for c in calls)
     assert twins[0]["checkpoint"] == twins[1]["checkpoint"] != twins[2]["checkpoint"]  # same network, same heal
     assert compare.key(twins[0]) != compare.key(rows[1]) and twins[0]["unhealed"] == compare.key(rows[1])
     assert json.loads((Path(twins[0]["checkpoint"]) / "hwnas_heal.json").read_text())["tokens"] == 512
     assert compare.key({**rows[1], "source": "/some/supernet"}) != compare.key(rows[1])
     calls.clear()
-    assert compare.heal_all(rows, str(tiny_model), 512, ["hwnas"], text_file, tmp_path)[0]["checkpoint"] == \
+    assert compare.heal_all(rows, str(tiny_model), 512, ["hwnas"], train_text, tmp_path)[0]["checkpoint"] == \
         twins[0]["checkpoint"] and not calls  # reused
 
 
 @pytest.mark.slow
-def test_compare_with_healing_and_a_supernet_end_to_end(tiny_model, tiny_int8_table, text_file, tmp_path):
+def test_compare_with_healing_and_a_supernet_end_to_end(tiny_model, tiny_int8_table, train_text, tmp_path):
     """The whole comparison on the tiny model: searches, baselines, a trained supernet's search, heals, deployments,
     evaluations and one benchmark run (the int8 table's widths rescaled so that every baseline reaches the target)."""
     from hwnas.instatune import train_supernet
@@ -167,12 +154,12 @@ def test_compare_with_healing_and_a_supernet_end_to_end(tiny_model, tiny_int8_ta
     table = tmp_path / "int8.json"
     table.write_text(json.dumps(t))
     train_supernet(model=str(tiny_model), tokens=256, out=tmp_path / "supernet", seq_len=32, batch_size=4,
-                   micro_batch=2, train_text=text_file, progress=False)
+                   micro_batch=2, train_text=train_text, progress=False)
     cmd = [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--model", str(tiny_model), "--table", str(table),
            "--ratios", "0.8", "--front-ratios", "--tasks", "lambada,arc_easy", "--limit", "2", "--evaluations", "6",
            "--population", "4", "--new-tokens", "4", "--repeats", "1", "--rounds", "1", "--select-metric",
            "lastword-nll", "--work", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out"), "--heal-tokens",
-           "2048", "--heal-text", str(text_file), "--supernet", str(tmp_path / "supernet")]
+           "2048", "--heal-text", str(train_text), "--supernet", str(tmp_path / "supernet")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((tmp_path / "out" / "compare.json").read_text())

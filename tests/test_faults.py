@@ -21,8 +21,6 @@ from hwnas.heal import checkpoint_dir
 
 # the tiny model's uniform sub-network (plain `llama`), as tests/test_heal.py heals it
 UNIFORM = {"num_layers": 4, "layers": [0, 2, 3], "mlp": [192] * 3, "heads": [4] * 3, "kv_heads": [2] * 3}
-WORDS = ("the capital of France is Paris Italy Rome she looked at him and smiled then walked to door without "
-         "a word small model learns shape language from many pages books").split()
 POLL_S = 0.05
 DEADLINE_S = 300
 # hwnas.common's temporaries (`.NAME.hwnas-HOST-PID-XXXX.tmp`, `.NAME.hwnas-HOST-PID-old`), its lock files, and the
@@ -134,15 +132,6 @@ def _files(folder: Path) -> set[str]:
 @pytest.fixture(scope="module")
 def subnet(tiny_model, tmp_path_factory, export_subnets) -> Path:
     return export_subnets(tiny_model, tmp_path_factory.mktemp("fault_subnets"), {"uniform": UNIFORM})["uniform"]
-
-
-@pytest.fixture(scope="module")
-def train_text(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("fault_text") / "train.txt"
-    path.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))) + "."
-                                for _ in range(120)))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -22,30 +22,16 @@ def subnets(tiny_model, tmp_path_factory, export_subnets):
     return export_subnets(tiny_model, tmp_path_factory.mktemp("heal_subnets"), {"uniform": UNIFORM, "mixed": MIXED})
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    """Varied sentences in the tiny tokenizer's words, one paragraph each."""
-    import random
-
-    words = ("the capital of France is Paris Italy Rome she looked at him and smiled then walked to door without "
-             "a word small model learns shape language from many pages books").split()
-    rng = random.Random(0)
-    paragraphs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) + "." for _ in range(120)]
-    path = tmp_path_factory.mktemp("text") / "train.txt"
-    path.write_text("\n\n".join(paragraphs))
-    return path
-
-
 def _config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
 
 
 @pytest.mark.parametrize("kind", ["uniform", "mixed"])
-def test_heal_lowers_the_kl_and_keeps_the_checkpoint_format(subnets, tiny_model, text_file, tmp_path, kind):
+def test_heal_lowers_the_kl_and_keeps_the_checkpoint_format(subnets, tiny_model, train_text, tmp_path, kind):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = subnets[kind]
-    report = heal(model=src, teacher=tiny_model, tokens=24 * 4 * 32, out=tmp_path / "healed", train_text=text_file,
+    report = heal(model=src, teacher=tiny_model, tokens=24 * 4 * 32, out=tmp_path / "healed", train_text=train_text,
                   lr=5e-3, **SMALL)
     out = tmp_path / "healed"
     assert report["complete"] and report["tokens"] == 24 * 128 and report["corpus"] == "file:train.txt"
@@ -65,12 +51,12 @@ def test_heal_lowers_the_kl_and_keeps_the_checkpoint_format(subnets, tiny_model,
     assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, before.model.layers[0].mlp.up_proj.weight)
 
 
-def test_lora_is_merged_into_a_plain_checkpoint(subnets, tiny_model, text_file, tmp_path):
+def test_lora_is_merged_into_a_plain_checkpoint(subnets, tiny_model, train_text, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     src = subnets["mixed"]
-    report = heal(model=src, teacher=tiny_model, tokens=6 * 128, out=tmp_path / "lora", train_text=text_file,
+    report = heal(model=src, teacher=tiny_model, tokens=6 * 128, out=tmp_path / "lora", train_text=train_text,
                   lora_rank=4, **SMALL)
     assert report["mode"] == "lora-4" and report["trainable_parameters"] < 20_000
     keys = set(load_file(str(tmp_path / "lora" / "model.safetensors")))
@@ -81,9 +67,9 @@ def test_lora_is_merged_into_a_plain_checkpoint(subnets, tiny_model, text_file, 
     assert report["held_out_kl"]["after"] < report["held_out_kl"]["before"]
 
 
-def test_time_limit_resume_and_changed_arguments(subnets, tiny_model, text_file, tmp_path):
+def test_time_limit_resume_and_changed_arguments(subnets, tiny_model, train_text, tmp_path):
     src, out = subnets["uniform"], tmp_path / "healed"
-    kw = dict(model=src, teacher=tiny_model, tokens=6 * 128, out=out, train_text=text_file, **SMALL)
+    kw = dict(model=src, teacher=tiny_model, tokens=6 * 128, out=out, train_text=train_text, **SMALL)
     first = heal(minutes=1e-6, **kw)
     assert not first["complete"] and first["tokens"] == 128 and "time limit" in first["stopped"]
     assert (out / "hwnas_heal.json").is_file() and checkpoint_dir(out).is_dir()  # written, and resumable
@@ -104,9 +90,9 @@ def test_time_limit_resume_and_changed_arguments(subnets, tiny_model, text_file,
     assert fresh["tokens"] == done["tokens"]
 
 
-def test_bad_input_is_refused_in_one_line(subnets, tiny_models, tiny_model, text_file, tmp_path):
+def test_bad_input_is_refused_in_one_line(subnets, tiny_models, tiny_model, train_text, tmp_path):
     src = subnets["uniform"]
-    kw = dict(model=src, teacher=tiny_model, out=tmp_path / "x", train_text=text_file, **SMALL)
+    kw = dict(model=src, teacher=tiny_model, out=tmp_path / "x", train_text=train_text, **SMALL)
     with pytest.raises(HwnasError, match=r"--tokens 100 is below one batch: expected at least 128"):
         heal(tokens=100, **kw)
     with pytest.raises(HwnasError, match="training text .*nope.txt not found"):
@@ -140,10 +126,10 @@ def test_jsonl_training_text(tmp_path):
         training_texts(tmp_path / "bad.jsonl")
 
 
-def test_cli_heal_runs_and_reports(subnets, tiny_model, text_file, tmp_path, run_cli, monkeypatch):
+def test_cli_heal_runs_and_reports(subnets, tiny_model, train_text, tmp_path, run_cli, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     proc = run_cli("heal", "--model", str(subnets["uniform"]), "--teacher", str(tiny_model), "--tokens", "256",
-                   "--out", str(tmp_path / "h"), "--train-text", str(text_file), "--seq-len", "32", "--batch-size", "4")
+                   "--out", str(tmp_path / "h"), "--train-text", str(train_text), "--seq-len", "32", "--batch-size", "4")
     report = json.loads(proc.stdout)
     assert report["tokens"] == 256 and report["complete"]
     bad = run_cli("heal", "--model", str(subnets["uniform"]), "--tokens", "10", "--out", str(tmp_path / "b"),
