@@ -32,7 +32,7 @@ each network's unhealed and healed accuracy side by side, with the paired standa
 healed baseline. A healed network keeps its unhealed twin's shape, so it keeps its measured latency. `--supernet DIR`
 adds a row for the search over a `hwnas train-supernet` folder (`hwnas run --supernet`), healed the same way:
 
-    .venv/bin/python benchmarks/compare.py --heal-tokens 90000 --supernet runs/supernet
+    .venv/bin/python benchmarks/compare.py --heal-tokens 140000 --supernet runs/supernet
 """
 from __future__ import annotations
 

@@ -252,6 +252,8 @@ class TorchLM:
 
 class OrtLM:
     def __init__(self, path: Path, threads: int) -> None:
+        import onnxruntime as ort
+
         self.sess = runner.ort_session(path, threads)
         ins = {i.name: i for i in self.sess.get_inputs()}
         self.outputs = [o.name for o in self.sess.get_outputs()]
@@ -265,19 +267,22 @@ class OrtLM:
         last = self.sess.get_outputs()[0].shape[-1]
         self.vocab = last if isinstance(last, int) else cfg["vocab_size"]
         self.info = {"intra_op_threads": threads}
+        self.ortvalue = ort.OrtValue.ortvalue_from_numpy  # wraps an array without a copy
 
     def reset(self) -> None:
-        self.kv, self.pos = self.empty, 0
+        self.kv, self.pos = {k: self.ortvalue(v) for k, v in self.empty.items()}, 0
 
     def run(self, ids: np.ndarray) -> np.ndarray:
+        # the KV cache stays in onnxruntime's OrtValues from step to step (no copy out to numpy and back)
         n = ids.shape[1]
-        feeds = {"input_ids": ids, "attention_mask": np.ones((1, self.pos + n), np.int64), **self.kv}
+        feeds = {"input_ids": ids, "attention_mask": np.ones((1, self.pos + n), np.int64)}
         if self.position:
             feeds["position_ids"] = np.arange(self.pos, self.pos + n, dtype=np.int64)[None]
-        out = dict(zip(self.outputs, self.sess.run(None, feeds)))
+        feeds = {**{k: self.ortvalue(v) for k, v in feeds.items()}, **self.kv}
+        out = dict(zip(self.outputs, self.sess.run_with_ort_values(self.outputs, feeds)))
         self.kv = {p: out["present" + p[len("past_key_values"):]] for p in self.empty}
         self.pos += n
-        return out["logits"][0, -1]
+        return out["logits"].numpy()[0, -1]
 
 
 class OpenVinoLM:

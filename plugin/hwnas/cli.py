@@ -522,7 +522,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the KL (default 1)")
     c.add_argument("--hard-weight", type=float, default=0.0, help="weight of the next-token loss (default 0)")
     c.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate, cosine schedule (default "
-                   "2e-4, or 1e-3 with --lora-rank)")
+                   "6e-4, or 1e-3 with --lora-rank)")
     c.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence (default 256)")
     c.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step, all processes (default 8)")
     c.add_argument("--micro-batch", type=int, default=4, help="sequences per forward pass (default 4)")

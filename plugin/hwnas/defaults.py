@@ -21,4 +21,4 @@ RUN_BUDGET = "quick"
 
 # healing (`hwnas heal`, `hwnas run --heal-tokens`): distillation tokens of the chosen sub-network per run budget,
 # sized to about 10 minutes (quick) and 60 minutes (full) of training on two CPU cores
-HEAL_TOKENS = {"quick": 90_000, "full": 540_000}
+HEAL_TOKENS = {"quick": 140_000, "full": 840_000}

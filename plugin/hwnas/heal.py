@@ -109,7 +109,7 @@ def heal(
 
     Full-parameter by default (the tied embedding and LM head frozen unless `train_embeddings`), or LoRA of
     rank `lora_rank` on every projection, merged before saving. `minutes` stops at that time limit with a
-    checkpoint (the report says how many tokens were trained; `resume` continues). `lr` defaults to 2e-4 for
+    checkpoint (the report says how many tokens were trained; `resume` continues). `lr` defaults to 6e-4 for
     full-parameter training and 1e-3 for LoRA. Each of `snapshots` (token counts below `tokens`, rounded down to
     whole batches) writes the student as trained so far to `snapshot_dir(out, count)`, in the output's format: one
     run's schedule, seen at several points (single process or data parallel; not under FSDP).
@@ -117,7 +117,7 @@ def heal(
     if minutes is not None and not minutes > 0:
         raise HwnasError(f"--minutes must be positive, got {minutes}")
     if lr is None:
-        lr = 1e-3 if lora_rank else 2e-4
+        lr = 1e-3 if lora_rank else 6e-4
     cfg = TrainConfig(tokens=tokens, seq_len=seq_len, batch_size=batch_size, micro_batch=micro_batch, lr=lr,
                       temperature=temperature, hard_weight=hard_weight, seed=seed, checkpoint_every=checkpoint_every,
                       bf16=bf16, lora_rank=lora_rank)
