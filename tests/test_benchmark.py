@@ -105,3 +105,17 @@ def test_onnxruntime_decode_loop_gives_torch_greedy_tokens(deployed, tmp_path):
     assert ort["greedy_tokens"] == expected
     assert bnb["runtime"] == "torch" and bnb["runtime_info"]["quantization"] == "bitsandbytes"
     assert len(bnb["greedy_tokens"]) == NEW and bnb["weights_read_bytes"] < 0.5 * ort["weights_read_bytes"]
+
+
+def test_weights_read_counts_an_embedding_lookup_as_one_row():
+    """A table only looked up (Gather, GatherBlockQuantized blocks and scales) costs one row a token; shared with
+    the LM head's MatMul (a tied head, as GenAI's int4 build ties it) it is read whole."""
+    from hwnas.benchmark import weights_read
+
+    consts = {"emb_q": (1000, 10), "emb_s": (100, 10), "head_q": (500, 10), "w": (64, 4)}
+    own_head = [("GatherBlockQuantized", ["emb_q", "ids", "emb_s"], ["h"]), ("MatMul", ["h", "w"], ["x"]),
+                ("MatMulNBits", ["x", "head_q", "head_s"], ["logits"])]
+    assert weights_read(consts, own_head) == 100 + 10 + 64 + 500
+    tied = [("GatherBlockQuantized", ["emb_q", "ids", "emb_s"], ["h"]), ("MatMul", ["h", "w"], ["x"]),
+            ("MatMulNBits", ["x", "emb_q", "emb_s"], ["logits"])]
+    assert weights_read(consts, tied) == 1000 + 100 + 64

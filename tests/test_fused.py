@@ -167,3 +167,34 @@ def test_fused_attention_block_runs_in_onnxruntime(tiny_model, tmp_path):
         s, past = (tokens, 0) if phase == "prefill" else (1, tokens)
         assert out[0].shape == (1, s, config.hidden_size) and np.isfinite(out[0]).all()
         assert out[1].shape == (1, 1, past + s, config.head_dim)
+
+
+@pytest.mark.parametrize("which", ["uniform", "per_layer"])
+def test_shared_kv_buffer_decodes_as_the_fed_back_cache(tiny_model, per_layer_kv_subnet, tmp_path, which):
+    """The benchmark's decoder with a context binds one KV buffer per layer as past and present (no copy per step):
+    prefill and every decode step give the logits of the loop that feeds each present back as the next past."""
+    import numpy as np
+
+    from hwnas.common import HwnasError
+    from hwnas.decoders import OrtLM
+    from hwnas.export import export_onnx
+    from hwnas.loading import load_model
+
+    model, _ = load_model(tiny_model if which == "uniform" else per_layer_kv_subnet, allow_subnet=True)
+    path = export_onnx(model, tmp_path / "onnx", fused_attention=True)
+    shared, fed = OrtLM(path, 1, context=12), OrtLM(path, 1)
+    assert "shared" in shared.info["kv_cache"] and fed.info["kv_cache"] == "fed back"
+    prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, (1, 8))
+    for lm in (shared, fed):
+        lm.reset()
+    steps = [prompt] + [np.array([[t]]) for t in (5, 17, 3, 9)]
+    for ids in steps:
+        a, b = shared.run(ids), fed.run(ids)
+        assert a.shape == (model.config.vocab_size,) and np.abs(a - b).max() < 1e-4
+    assert shared.binding is not None  # the decode steps really ran on the bound buffers
+    with pytest.raises(HwnasError, match="do not fit the KV cache of 12 slots"):
+        shared.run(np.array([[1]]))
+    for lm in (shared, fed):  # a new sequence starts from empty buffers
+        lm.reset()
+    for ids in steps[:2]:
+        assert np.abs(shared.run(ids) - fed.run(ids)).max() < 1e-4

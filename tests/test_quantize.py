@@ -188,9 +188,38 @@ def test_ort_int8_keeps_the_down_proj_a_subnet_marks_fp32(subnet_dir, tiny_model
         quantize(tiny_model, "ov-int8", tmp_path / "x", keep_fp32="down_proj")
 
 
-@pytest.mark.parametrize("method", ["ort-int8", "ort-int8-wo", "ort-int4"])
+def _assert_lookup_reads_the_head(graph, gather, head) -> None:
+    """The embedding rows the 4-bit lookup returns are the rows of the matrix the head's MatMulNBits multiplies by
+    (fed the identity, MatMulNBits gives that matrix transposed)."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    hidden = {a.name: a.i for a in head.attribute}["K"]
+    vocab = {a.name: a.i for a in head.attribute}["N"]
+    reshapes = [n for n in graph.node if n.op_type == "Reshape" and n.output[0] in gather.input]
+    used = {i for n in (*reshapes, gather, head) for i in n.input}
+    ids = np.arange(vocab, dtype=np.int64)[None]
+    nodes = [*reshapes, helper.make_node("GatherBlockQuantized", [gather.input[0], "ids", gather.input[2]], ["rows"],
+                                         domain="com.microsoft",
+                                         **{a.name: helper.get_attribute_value(a) for a in gather.attribute}),
+             helper.make_node("MatMulNBits", ["eye", *head.input[1:]], ["columns"], domain="com.microsoft",
+                              **{a.name: helper.get_attribute_value(a) for a in head.attribute})]
+    g = helper.make_graph(nodes, "lookup", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, vocab]),
+                                            helper.make_tensor_value_info("eye", TensorProto.FLOAT, [hidden, hidden])],
+                          [helper.make_tensor_value_info("rows", TensorProto.FLOAT, None),
+                           helper.make_tensor_value_info("columns", TensorProto.FLOAT, None)],
+                          [i for i in graph.initializer if i.name in used])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rows, columns = sess.run(None, {"ids": ids, "eye": np.eye(hidden, dtype=np.float32)})
+    assert np.abs(rows[0] - columns.T).max() < 1e-5 and np.abs(rows).max() > 0
+
+
+@pytest.mark.parametrize("method, head_bits", [("ort-int8", None), ("ort-int8-wo", None), ("ort-int4", None),
+                                               ("ort-int4", 4)])
 def test_ort_int8_stores_the_embedding_in_int8_and_the_size_model_counts_every_byte(subnet_dir, tiny_model, tmp_path,
-                                                                                   method):
+                                                                                   method, head_bits):
     import numpy as np
     import onnx
     from onnx import numpy_helper
@@ -199,7 +228,7 @@ def test_ort_int8_stores_the_embedding_in_int8_and_the_size_model_counts_every_b
     from hwnas.predictor import size_bytes
     from hwnas.space import SubnetConfig
 
-    report = quantize(subnet_dir, method, tmp_path / "q")
+    report = quantize(subnet_dir, method, tmp_path / "q", head_bits=head_bits)
     assert report["settings"]["int8_embeddings"] == ["model.embed_tokens.weight"]
     graph = onnx.load(str(tmp_path / "q" / "model.onnx")).graph
     weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
@@ -210,6 +239,14 @@ def test_ort_int8_stores_the_embedding_in_int8_and_the_size_model_counts_every_b
         assert weights["model.embed_tokens.weight.int8"].dtype == np.int8
         assert weights["model.embed_tokens.weight.row_scale"].shape == (320, 1)
         embedding = "int8-rows"
+    elif head_bits == 4:  # the embedding reads the 4-bit LM head's blocks and scales, as GenAI's build ties them
+        gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+        head = next(n for n in graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.name)
+        reshaped = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Reshape"}
+        assert [reshaped[gather.input[0]], reshaped[gather.input[2]]] == head.input[1:3]
+        assert {a.name: a.i for a in gather.attribute}["bits"] == 4 and not [k for k in weights if "Q8" in k]
+        _assert_lookup_reads_the_head(graph, gather, head)
+        embedding = "blocks-shared"
     else:  # the embedding reads the LM head's int8 blocks: stored once
         gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
         head = next(n for n in graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.name)

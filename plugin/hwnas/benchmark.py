@@ -4,8 +4,7 @@ A model is a torch checkpoint (full model, sub-network, bitsandbytes-quantized),
 folder (`text-generation-with-past`), an optimum-intel OpenVINO IR folder (stateful), a GGUF file for
 llama.cpp (`hwnas.llamacpp`) or an ONNX Runtime GenAI folder (`hwnas.genai`); the runtime is read
 from the folder unless given. Each model runs in its own worker process, the way deployment
-runs it: torch with its KV cache (`logits_to_keep=1`, as `generate` does), onnxruntime with the
-present KV tensors fed back as the next step's past, OpenVINO as a compiled stateful model.
+runs it (`hwnas.decoders`).
 
 Each run generates greedily: a prompt of S random tokens (seeded, the same for every model), then
 new tokens to T in all. Prefill is the forward pass on the prompt; time to first token adds reading
@@ -37,9 +36,10 @@ import numpy as np
 
 from . import runner
 from .common import HwnasError, atomic_write_json, atomic_write_text, point_library_caches
-from .genai import GenAILM, is_genai, onnx_file, versions as genai_versions
-from .llamacpp import LlamaCppLM, gguf_file, gguf_sizes, versions as llamacpp_versions
-from .loading import DEFAULT_MODEL, load_model, resolve_model
+from .decoders import LOADERS, SIZED
+from .genai import is_genai, onnx_file, versions as genai_versions
+from .llamacpp import gguf_file, gguf_sizes, versions as llamacpp_versions
+from .loading import DEFAULT_MODEL, resolve_model
 
 RUNTIMES = ("torch", "onnxruntime", "openvino", "llamacpp", "ortgenai")
 FORMAT = "hwnas-benchmark/1"
@@ -133,13 +133,17 @@ def sizes(runtime: str, path: Path) -> dict[str, int]:
         raise HwnasError(f"cannot read {path} as {_WHAT[runtime]}: {type(e).__name__}: {e}") from None
 
 
+ROW_LOOKUPS = {("Gather", 0), ("GatherBlockQuantized", 0), ("GatherBlockQuantized", 2), ("GatherBlockQuantized", 3)}
+
+
 def weights_read(consts: dict[str, tuple[int, int]], nodes: Iterable[tuple[str, list[str], list[str]]]) -> int:
     """Bytes of constants one decode step reads, from a graph in topological order.
 
     `consts` maps a constant to (bytes, rows); `nodes` are (op type, inputs, outputs). A constant reaches
     the op that uses it through constant-only chains (dequantisation, transposes), followed here. Every
-    constant used is read whole, except one whose only use is the table of a Gather (an embedding), which
-    costs one row for the one new token. A tied LM head is read whole: it also feeds the head's MatMul.
+    constant used is read whole, except one whose only uses are row lookups (the table of a Gather, or the
+    blocks, scales or zero points of a GatherBlockQuantized: an embedding), which costs one row for the one new
+    token. A tied LM head is read whole: it also feeds the head's MatMul.
     """
     roots = {name: {name} for name in consts}
     uses: dict[str, set[tuple[str, int]]] = defaultdict(set)
@@ -152,8 +156,8 @@ def weights_read(consts: dict[str, tuple[int, int]], nodes: Iterable[tuple[str, 
         for k, i in enumerate(ins):
             for c in roots.get(i, ()):
                 uses[c].add((op, k))
-    return sum(nbytes // rows if uses[c] == {("Gather", 0)} else nbytes
-               for c, (nbytes, rows) in consts.items() if uses.get(c))
+    return sum(nbytes // rows if uses[c] <= ROW_LOOKUPS else nbytes for c, (nbytes, rows) in consts.items()
+               if uses.get(c))
 
 
 def _onnx_graph(path: Path) -> tuple[dict[str, tuple[int, int]], list[tuple[str, list[str], list[str]]], set[str]]:
@@ -198,120 +202,12 @@ def _openvino_graph(path: Path) -> tuple[dict[str, tuple[int, int]], list[tuple[
     return consts, nodes
 
 
-def torch_weights_read(model: Any) -> int:
-    """Parameter bytes one decode step reads (bitsandbytes scales included); an untied embedding costs one row."""
-    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    total = 0
-    for p in model.parameters():
-        n = p.numel() * p.element_size()
-        total += n // p.shape[0] if p is emb and p is not head else n
-        state = getattr(p, "quant_state", None)  # 4-bit: per-block absmax
-        scales = [getattr(p, "SCB", None), getattr(state, "absmax", None)]
-        total += sum(s.numel() * s.element_size() for s in scales if s is not None)
-    return total
-
-
 # ------------------------------------------------------------------- the models, as deployed
 def prompt_ids(vocab: int, tokens: int, seed: int = SEED) -> np.ndarray:
     """The benchmark prompt: `tokens` seeded random ids, the same for every model of one vocabulary."""
     return np.random.default_rng(seed).integers(0, vocab, size=(1, tokens), dtype=np.int64)
 
 
-def _config(path: Path) -> dict[str, Any]:
-    folder = path if path.is_dir() else path.parent
-    return json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
-
-
-class TorchLM:
-    def __init__(self, path: Path, threads: int) -> None:
-        import torch
-
-        torch.set_num_threads(threads)
-        quant = (_config(path).get("quantization_config") or {}).get("quant_method")
-        if quant == "bitsandbytes":  # placed by from_pretrained; `.to()` is refused for 8-bit models
-            from transformers import AutoModelForCausalLM
-
-            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu").eval()
-        else:
-            self.model = load_model(path, allow_subnet=True)[0]
-        self.vocab, self.torch = self.model.config.vocab_size, torch
-        self.info = {"weights_read_bytes": torch_weights_read(self.model), "dtype": str(self.model.dtype),
-                     "quantization": quant, "torch_threads": torch.get_num_threads()}
-
-    def reset(self) -> None:
-        from transformers import DynamicCache
-
-        self.cache = DynamicCache()
-
-    def run(self, ids: np.ndarray) -> np.ndarray:
-        with self.torch.inference_mode():
-            out = self.model(input_ids=self.torch.from_numpy(ids), past_key_values=self.cache, use_cache=True,
-                             logits_to_keep=1)
-        return out.logits[0, -1].float().numpy()
-
-
-class OrtLM:
-    def __init__(self, path: Path, threads: int) -> None:
-        import onnxruntime as ort
-
-        self.sess = runner.ort_session(path, threads)
-        ins = {i.name: i for i in self.sess.get_inputs()}
-        self.outputs = [o.name for o in self.sess.get_outputs()]
-        cfg = _config(path)
-        # A dynamic KV-head axis (heterogeneous sub-networks) only sizes the empty first cache, which Concat skips.
-        dim = lambda d, key: d if isinstance(d, int) else cfg.get(key, 1)  # noqa: E731
-        dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-        self.empty = {n: np.zeros((1, dim(i.shape[1], "num_key_value_heads"), 0, dim(i.shape[3], "head_dim")),
-                                  dtypes[i.type]) for n, i in ins.items() if n.startswith("past_key_values.")}
-        self.position = "position_ids" in ins
-        last = self.sess.get_outputs()[0].shape[-1]
-        self.vocab = last if isinstance(last, int) else cfg["vocab_size"]
-        self.info = {"intra_op_threads": threads}
-        self.ortvalue = ort.OrtValue.ortvalue_from_numpy  # wraps an array without a copy
-
-    def reset(self) -> None:
-        self.kv, self.pos = {k: self.ortvalue(v) for k, v in self.empty.items()}, 0
-
-    def run(self, ids: np.ndarray) -> np.ndarray:
-        # the KV cache stays in onnxruntime's OrtValues from step to step (no copy out to numpy and back)
-        n = ids.shape[1]
-        feeds = {"input_ids": ids, "attention_mask": np.ones((1, self.pos + n), np.int64)}
-        if self.position:
-            feeds["position_ids"] = np.arange(self.pos, self.pos + n, dtype=np.int64)[None]
-        feeds = {**{k: self.ortvalue(v) for k, v in feeds.items()}, **self.kv}
-        out = dict(zip(self.outputs, self.sess.run_with_ort_values(self.outputs, feeds)))
-        self.kv = {p: out["present" + p[len("past_key_values"):]] for p in self.empty}
-        self.pos += n
-        return out["logits"].numpy()[0, -1]
-
-
-class OpenVinoLM:
-    def __init__(self, path: Path, threads: int) -> None:
-        self.req = runner.ov_request(path, threads)
-        self.inputs = {p.get_any_name() for p in self.req.model_inputs}
-        compiled = self.req.get_compiled_model()
-        last = compiled.output("logits").get_partial_shape()[-1]
-        self.vocab = last.get_length() if last.is_static else _config(path)["vocab_size"]
-        self.info = {k.lower(): getattr(v, "to_string", v.__str__)() for k in
-                     ("INFERENCE_NUM_THREADS", "INFERENCE_PRECISION_HINT", "KV_CACHE_PRECISION", "PERFORMANCE_HINT")
-                     for v in [compiled.get_property(k)]}
-
-    def reset(self) -> None:
-        self.req.reset_state()
-        self.pos = 0
-
-    def run(self, ids: np.ndarray) -> np.ndarray:
-        n = ids.shape[1]
-        feeds = {"input_ids": ids, "attention_mask": np.ones((1, self.pos + n), np.int64),
-                 "position_ids": np.arange(self.pos, self.pos + n, dtype=np.int64)[None], "beam_idx": np.zeros(1, np.int32)}
-        self.req.start_async({k: v for k, v in feeds.items() if k in self.inputs}, share_inputs=True)
-        self.req.wait()
-        self.pos += n
-        return self.req.get_tensor("logits").data[0, -1].copy()
-
-
-LOADERS = {"torch": TorchLM, "onnxruntime": OrtLM, "openvino": OpenVinoLM, "llamacpp": LlamaCppLM, "ortgenai": GenAILM}
-SIZED = ("llamacpp", "ortgenai")  # their loaders size the KV cache (context) up front
 EDGE_VERSIONS = {"llamacpp": llamacpp_versions, "ortgenai": genai_versions}
 
 

@@ -100,7 +100,7 @@ def quantize_embeddings(model: Any) -> list[str]:
         graph.initializer.extend([numpy_helper.from_array(q, f"{name}.int8"),
                                   numpy_helper.from_array(scale.astype(np.float32), f"{name}.row_scale")])
         for g in gathers:
-            out, ids, base = g.output[0], g.input[1], g.name or out
+            out, ids, base = g.output[0], g.input[1], g.name or g.output[0]
             i = list(graph.node).index(g)
             graph.node.remove(g)
             new = [node("Gather", [f"{name}.int8", ids], f"{base}/int8", axis=0),
@@ -127,6 +127,11 @@ def share_embeddings(model: Any, block_size: int) -> list[str]:
     for name, gathers in found.items():
         vocab, hidden = inits[name].dims
         shape = [vocab, hidden // block_size, block_size]
+        q4 = f"{name}.untied_T_Q4"  # a 4-bit head (--head-bits 4): the lookup reads its nibbles, as GenAI ties them
+        if q4 in inits and list(inits[q4].dims) == [vocab, hidden // block_size, block_size // 2]:
+            _gather_nibbles(graph, name, q4, gathers, vocab, hidden, block_size)
+            graph.initializer.remove(inits[name])
+            continue
         blocks = f"{name}.untied_T_Q8"  # MatMulNBitsQuantizer's name for the quantized head weight
         if blocks in inits and list(inits[blocks].dims) == shape:
             scales = numpy_helper.to_array(inits[f"{name}.untied_T_scales"]).reshape(vocab, -1, 1)
@@ -152,6 +157,25 @@ def share_embeddings(model: Any, block_size: int) -> list[str]:
     if found and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return sorted(found) + quantize_embeddings(model)
+
+
+def _gather_nibbles(graph: Any, name: str, q4: str, gathers: list[Any], vocab: int, hidden: int,
+                    block_size: int) -> None:
+    """Replace the Gathers of table `name` by GatherBlockQuantized (4 bits) over the packed blocks `q4` and the
+    scales of the LM head's MatMulNBits, each reshaped to one row a token (as ONNX Runtime GenAI's builder does)."""
+    rows, scales = f"{name}.q4_rows", f"{name}.q4_row_scales"
+    graph.initializer.extend([numpy_helper.from_array(np.array([vocab, hidden // 2], np.int64), f"{rows}_shape"),
+                              numpy_helper.from_array(np.array([vocab, hidden // block_size], np.int64),
+                                                      f"{scales}_shape")])
+    graph.node.insert(0, helper.make_node("Reshape", [q4, f"{rows}_shape"], [rows], name=rows))
+    graph.node.insert(1, helper.make_node("Reshape", [f"{name}.untied_T_scales", f"{scales}_shape"], [scales],
+                                          name=scales))
+    for g in gathers:
+        i = list(graph.node).index(g)
+        graph.node.remove(g)
+        graph.node.insert(i, helper.make_node("GatherBlockQuantized", [rows, g.input[1], scales], [g.output[0]],
+                                              name=g.name or g.output[0], domain="com.microsoft", gather_axis=0,
+                                              quantize_axis=1, block_size=block_size, bits=4))
 
 
 def down_proj_nodes(graph: Any, layers: Collection[int] | str) -> list[str]:

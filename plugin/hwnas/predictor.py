@@ -351,7 +351,8 @@ def size_bytes(cfg: SubnetConfig, sig: dict[str, int], *, runtime: str, precisio
 
     The embedding (onnxruntime; `embedding`): "auto" keeps it in fp32 when quantizing (dynamic quantization touches
     MatMuls only); "int8-rows", int8 with a scale per row (hwnas's dynamic int8); "blocks", int8 blocks of 64 with
-    fp32 scales (int8-wo); "blocks-shared", the LM head's blocks, so only a copy of their scales (int8-wo, tied model).
+    fp32 scales (int8-wo); "blocks-shared", the LM head's blocks, so only a copy of their scales (int8-wo, tied model;
+    with a 4-bit head, `head_bits` 4, not even that).
     The LM head is stored with the embedding when `tied` (and not untied by the quantizer). The down_proj of layers
     marked in `cfg.fp32_down` stays fp32 in dynamic int8. NNCF compresses the embedding too, and keeps the LM head in
     int8 in int4 mode. Fused attention (hwnas.fused) adds fp32 rotary cos and sin caches of `rotary_positions` rows.
@@ -368,6 +369,8 @@ def size_bytes(cfg: SubnetConfig, sig: dict[str, int], *, runtime: str, precisio
     ort = runtime == "onnxruntime"
     if ort and embedding == "int8-rows":
         total += vocab * hidden + 4 * vocab
+    elif ort and embedding == "blocks-shared" and precision == "int4" and head_bits == 4:
+        total += 2 * 2 * 8  # the lookup reads the 4-bit head's blocks and scales through two int64 row shapes
     elif ort and embedding in ("blocks", "blocks-shared"):
         b = block or 64
         total += (_matrix_bytes(vocab, hidden, runtime, "int8-wo", b) if embedding == "blocks"
