@@ -52,8 +52,14 @@ TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "chat_template", "vocab", 
 
 # ------------------------------------------------------------------------------------------- inputs
 def check_args(*, full: str, subnet: Path | None, rounds: int, repeats: int, threads: int, nll_tokens: int,
-               ctx: int, out: Path) -> None:
+               ctx: int, out: Path, tasks: list[str] | None = None, limit: int | None = None) -> None:
     """Refuse bad arguments and missing runtimes before anything is built."""
+    from hwnas.lmeval import resolve_tasks
+
+    if tasks:
+        resolve_tasks(tasks)
+    if limit is not None and limit < 1:
+        raise HwnasError(f"--limit must be a positive number of items per task, got {limit}")
     for name, value, least in (("--rounds", rounds, 1), ("--repeats", repeats, 1), ("--threads", threads, 1),
                                ("--ctx", ctx, 16), ("--nll-tokens", nll_tokens, 2)):
         if value < least:
@@ -164,7 +170,8 @@ def ort_nll(folder: Path, ids: list[int], *, threads: int, ctx: int) -> dict[str
     """NLL of an Optimum ONNX folder (empty KV cache per window, the logits of every position)."""
     import numpy as np
 
-    from hwnas.benchmark import OrtLM, locate
+    from hwnas.benchmark import locate
+    from hwnas.decoders import OrtLM
     from hwnas.llamacpp import check_ids, nll_report, nll_windows, token_nll
 
     lm = OrtLM(locate(folder, "onnxruntime")[1], threads)
@@ -211,12 +218,33 @@ def nll_of(entry: dict[str, Any], ids: list[int], *, threads: int, ctx: int, cac
     return result
 
 
+def accuracy_of(entry: dict[str, Any], tasks: list[str], *, limit: int | None, cache: Path) -> dict[str, Any]:
+    """The entry's lm-eval result on `tasks` (the first `limit` items of each) in its own runtime, cached."""
+    from hwnas.lmeval import evaluate_path
+
+    key = hashlib.sha256(json.dumps([entry["path"], entry.get("via"), tasks, limit]).encode()).hexdigest()[:16]
+    f = cache / f"{key}.json"
+    if f.is_file():
+        return read_json(f)
+    print(f"lm-eval {entry['label']} ...", file=sys.stderr, flush=True)
+    result = evaluate_path(entry["path"], tasks, runtime=entry["runtime"], limit=limit, batch_size=1, progress=False)
+    atomic_write_json(f, result)
+    return result
+
+
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:
     """Mean of a - b and its standard error, token by token."""
     import numpy as np
 
     d = np.asarray(a) - np.asarray(b)
     return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+
+
+def paired_accuracy(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float]:
+    """Mean accuracy of row `a` minus row `b` over the same items, and its paired standard error."""
+    from hwnas.lmeval import paired_difference
+
+    return paired_difference(a["lm_eval"], b["lm_eval"])
 
 
 # ------------------------------------------------------------------------------------------- verdicts
@@ -230,7 +258,9 @@ def verdicts(rows: list[dict[str, Any]], per_token: dict[str, list[float]]) -> l
         return ["No --subnet was given: there is no hwnas pick to set against the full-model rows."]
 
     def dominates(a: dict, b: dict) -> bool:
-        return a["decode_ms"] <= b["decode_ms"] and a["nll"] <= b["nll"] and (
+        # with lm-eval measured, the mean accuracy must be at least as high too
+        acc = a.get("accuracy") is None or b.get("accuracy") is None or a["accuracy"] >= b["accuracy"]
+        return acc and a["decode_ms"] <= b["decode_ms"] and a["nll"] <= b["nll"] and (
             a["decode_ms"] < b["decode_ms"] or a["nll"] < b["nll"])
 
     def gap(a: dict, b: dict) -> str:
@@ -241,6 +271,9 @@ def verdicts(rows: list[dict[str, Any]], per_token: dict[str, list[float]]) -> l
                  + (f", within the rounds' {noise:.0%} spread)" if abs(speed) <= noise else ")"),
                  f"NLL {a['nll']:.3f} vs {b['nll']:.3f} ({diff:+.3f} ± {se:.3f}"
                  + (", within 2 SE)" if abs(diff) <= 2 * se else ")")]
+        if a.get("accuracy") is not None and b.get("accuracy") is not None:
+            d, e = paired_accuracy(a, b)
+            notes.append(f"mean accuracy {a['accuracy']:.3f} vs {b['accuracy']:.3f} ({d:+.3f} ± {e:.3f})")
         return "; ".join(notes)
 
     lines = []
@@ -282,12 +315,16 @@ def markdown(report: dict[str, Any]) -> str:
              f"Quality: NLL (nats/token) on the same {s['nll_scored']} held-out tokens (LAMBADA test passages, the "
              f"full model's tokenizer, windows of {s['ctx']}), each in its own runtime; Δ is against the full fp32 "
              "model (torch) on the same tokens, ± the paired standard error of the per-token differences.", "",
+             *([f"Accuracy: lm-eval mean accuracy (hwnas's offline tasks {', '.join(s['tasks'])}, the first "
+                f"{s['limit']} items of each, 0-shot), each in its own runtime; Δ against the full fp32 model, ± the "
+                "paired standard error.", ""] if s.get("tasks") else []),
              "| model | network | runtime / precision | file MB | decode ms/token | decode × | prefill ms "
-             "| peak RSS MB | NLL | ΔNLL vs full fp32 |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| peak RSS MB | NLL | ΔNLL vs full fp32 | mean acc | Δacc vs full fp32 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("skipped"):
             lines.append(f"| {r['label']} | {r['network']} | {r['runtime']} {r['precision']} | "
-                         f"– | – | – | – | – | – | skipped: {r['skipped']} |")
+                         f"– | – | – | – | – | – | skipped: {r['skipped']} | – | – |")
             continue
         t = r.get("decode_ms") is not None
         lines.append(
@@ -295,9 +332,12 @@ def markdown(report: dict[str, Any]) -> str:
             + (f"{r['file_bytes'] / 1e6:,.1f} | {r['decode_ms']:.2f} | "
                f"{r['decode_ms'] / ref['decode_ms']:.2f} | {r['prefill_ms']:.0f} | {r['peak_rss_bytes'] / 1e6:,.0f} | "
                if t and ref else "– | – | – | – | – | ")
-            + f"{r['nll']:.3f} | {r['delta_nll']:+.3f} ± {r['delta_se']:.3f} |")
+            + f"{r['nll']:.3f} | {r['delta_nll']:+.3f} ± {r['delta_se']:.3f} | "
+            + (f"{r['accuracy']:.3f} | " if r.get("accuracy") is not None else "– | ")
+            + (f"{r['delta_acc']:+.3f} ± {r['delta_acc_se']:.3f} |" if r.get("delta_acc") is not None else "– |"))
     lines += ["", "## Where the hwnas pick dominates, and where it does not", "",
-              "Dominates: decode at most as slow and NLL at most as high, one of them strictly (medians and means; "
+              "Dominates: decode at most as slow, NLL at most as high and (where lm-eval ran) mean accuracy at least "
+              "as high, decode or NLL strictly (medians and means; "
               "the notes say when a gap is inside the measurement's noise).", "", *report["verdicts"], "",
               "## How each artifact was made", ""]
     lines += [f"- {r['label']}: {r.get('via') or r.get('skipped')}" for r in rows if r["runtime"] != "torch"]
@@ -347,10 +387,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- main
 def main(*, full: str = DEFAULT_MODEL, subnet: Path | None = None, rounds: int = 3, repeats: int = 5, threads: int = 2,
-         nll_tokens: int = 2560, ctx: int = 512, work: Path | None = None,
-         out: Path = Path(__file__).parent / "results" / "edge_runtimes") -> dict[str, Any]:
+         nll_tokens: int = 2560, ctx: int = 512, work: Path | None = None, tasks: list[str] | None = None,
+         limit: int | None = None, out: Path = Path(__file__).parent / "results" / "edge_runtimes") -> dict[str, Any]:
     check_args(full=full, subnet=subnet, rounds=rounds, repeats=repeats, threads=threads, nll_tokens=nll_tokens,
-               ctx=ctx, out=out)
+               ctx=ctx, out=out, tasks=tasks, limit=limit)
     from hwnas.benchmark import benchmark
     from hwnas.genai import versions as genai_versions
     from hwnas.llamacpp import nll_windows, versions as llamacpp_versions
@@ -375,6 +415,10 @@ def main(*, full: str = DEFAULT_MODEL, subnet: Path | None = None, rounds: int =
     live = [e for e in entries if not e.get("skipped")]
     (work / "nll").mkdir(exist_ok=True)
     nll = {e["label"]: nll_of(e, ids, threads=threads, ctx=ctx, cache=work / "nll") for e in refs + live}
+    accuracy = {}
+    if tasks:
+        (work / "lm_eval").mkdir(exist_ok=True)
+        accuracy = {e["label"]: accuracy_of(e, tasks, limit=limit, cache=work / "lm_eval") for e in refs + live}
 
     bench = benchmark([e["path"] for e in live], labels=[e["label"] for e in live], prompt_tokens=PROMPT_TOKENS,
                       new_tokens=NEW_TOKENS, threads=threads, repeats=repeats, rounds=rounds, warmup=1,
@@ -387,6 +431,9 @@ def main(*, full: str = DEFAULT_MODEL, subnet: Path | None = None, rounds: int =
         if e["label"] in nll:
             row["nll"] = nll[e["label"]]["nll"]
             row["delta_nll"], row["delta_se"] = paired(per_token[e["label"]], per_token["full fp32"])
+        if e["label"] in accuracy:
+            row.update(lm_eval=accuracy[e["label"]], accuracy=accuracy[e["label"]]["mean_acc_norm_or_acc"])
+            row["delta_acc"], row["delta_acc_se"] = paired_accuracy(row, {"lm_eval": accuracy["full fp32"]})
         if (m := measured.get(e["label"])) is not None:
             row.update(decode_ms=m["decode_ms_per_token"]["median"], decode_spread=m["decode_ms_per_token"]["spread"],
                        prefill_ms=m["prefill_ms"]["median"], ttft_ms=m["ttft_ms"]["median"],
@@ -399,6 +446,7 @@ def main(*, full: str = DEFAULT_MODEL, subnet: Path | None = None, rounds: int =
               "settings": {"prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "rounds": rounds,
                            "repeats": repeats,
                            "threads": threads, "nll_tokens": nll_tokens, "nll_scored": scored, "ctx": ctx,
+                           "tasks": tasks or [], "limit": limit,
                            "text": "LAMBADA test-split passages (hwnas.data.lambada_texts('test'))",
                            "reference_decode": REFERENCE, "reference_nll": "full fp32 (torch)"},
               "versions": {**versions("onnxruntime"), **llamacpp_versions(), **genai_versions()},
@@ -423,6 +471,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="threads of every runtime (default 2)")
     p.add_argument("--nll-tokens", type=int, default=None, help="held-out tokens scored (default 2560; --quick 1024)")
     p.add_argument("--ctx", type=int, default=512, help="tokens per NLL window (default 512)")
+    p.add_argument("--tasks", default="", help="lm-eval tasks scored in every runtime, comma-separated (hwnas "
+                   "evaluate's names; default none)")
+    p.add_argument("--limit", type=int, default=None, help="lm-eval items per task (default all)")
     p.add_argument("--work", type=Path, default=None, help="artifact folder (default $HWNAS_HOME/edge)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "edge_runtimes",
                    help="output path without suffix: OUT.json, OUT.md, OUT.png")
@@ -438,7 +489,8 @@ if __name__ == "__main__":
                                          zip((a.rounds, a.repeats, a.nll_tokens), defaults))
     try:
         report = main(full=a.full, subnet=a.subnet, rounds=a.rounds, repeats=a.repeats, threads=a.threads,
-                      nll_tokens=a.nll_tokens, ctx=a.ctx, work=a.work, out=a.out)
+                      nll_tokens=a.nll_tokens, ctx=a.ctx, work=a.work, out=a.out,
+                      tasks=[t for t in a.tasks.split(",") if t.strip()], limit=a.limit)
     except HwnasError as e:
         print(f"edge_runtimes: error: {e}", file=sys.stderr)
         sys.exit(2)

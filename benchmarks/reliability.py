@@ -436,6 +436,10 @@ CASES = [
       prep=file("e.json", "{}")),
     C("evaluate-runtime-mismatch", "evaluate", "--runtime openvino for a torch checkpoint", *EVAL, "--runtime",
       "openvino", "--out", "{d}/e.json"),
+    C("evaluate-llamacpp-no-gguf", "evaluate", "--runtime llamacpp for a torch checkpoint", *EVAL, "--runtime",
+      "llamacpp", "--out", "{d}/e.json"),
+    C("evaluate-garbage-gguf", "evaluate", "a .gguf file of random bytes", "evaluate", "--model", "{d}/m.gguf",
+      *EVAL[3:], "--out", "{d}/e.json", prep=file("m.gguf", os.urandom(256))),
     # perplexity
     C("perplexity-limit-zero", "perplexity", "--limit 0", "perplexity", *M, "--limit", "0"),
     C("perplexity-batch-size-zero", "perplexity", "--batch-size 0", "perplexity", *M, "--limit", "2", "--batch-size",

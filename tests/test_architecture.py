@@ -18,8 +18,8 @@ RANKS = {
     5: ["search", "search_report", "search_state"],
     6: ["fused", "export", "llamacpp", "gguf_export", "onnx_graph", "quantize_backends", "quantize", "deploy", "heal",
         "heal_select"],
-    7: ["blocks", "profile", "recalibrate", "validate_latency", "benchmark", "genai", "lmeval", "baselines",
-        "run_report"],
+    7: ["blocks", "profile", "recalibrate", "validate_latency", "decoders", "benchmark", "genai", "lmeval", "lmeval_edge",
+        "baselines", "run_report"],
     8: ["pipeline", "cli"],
 }
 RANK = {m: r for r, mods in RANKS.items() for m in mods}

@@ -47,6 +47,8 @@ def test_bad_arguments_are_refused_before_any_build(edge, tmp_path):
         ({"nll_tokens": 1}, "--nll-tokens must be at least 2, got 1"),
         ({"full": str(tmp_path)}, "is neither 'smollm2-135m' nor a checkpoint folder"),
         ({"out": tmp_path / "x.json"}, "takes a path without suffix"),
+        ({"tasks": ["arc_easy", "nope"]}, "nope"),
+        ({"limit": 0}, "--limit must be a positive number of items per task, got 0"),
     ):
         with pytest.raises(HwnasError) as e:
             edge.check_args(**{**args, **change})
@@ -91,6 +93,14 @@ def test_verdicts_say_what_the_pick_dominates_and_what_it_does_not(edge):
     assert "**full gguf-q4_0** is dominated by pick gguf-q8_0 (decode 8.00 vs 10.00 ms/token (+20% faster, within " \
            "the rounds' 30% spread); NLL 3.200 vs 3.500" in text
     assert "**full ort-int8-wo** is NOT dominated" in text and "**full gguf-q8_0** is NOT dominated" in text
+    # with lm-eval measured, a pick that is faster at lower NLL but less accurate dominates nothing
+    items = lambda acc: {"tasks": {"t": {"acc": acc, "acc_stderr": 0.1, "acc_norm": None,  # noqa: E731
+                                         "scores": [1.0] * int(acc * 10) + [0.0] * (10 - int(acc * 10))}}}
+    for r in rows:
+        r.update(accuracy=0.4 if r["label"] == "pick gguf-q8_0" else 0.5,
+                 lm_eval=items(0.4 if r["label"] == "pick gguf-q8_0" else 0.5))
+    text = "\n".join(edge.verdicts(rows, per_token))
+    assert "**full gguf-q4_0** is NOT dominated" in text and "mean accuracy 0.400 vs 0.500 (-0.100 ± " in text
     assert edge.verdicts(rows[:4], per_token) == [
         "No --subnet was given: there is no hwnas pick to set against the full-model rows."]
     report = {"date": "today", "device": {"name": "cpu"}, "rows": rows, "verdicts": lines, "versions": {"a": "1"},
@@ -112,7 +122,8 @@ def test_whole_script_on_the_tiny_model(tiny_model, tmp_path, export_subnets):
                                                             "heads": [4] * 3, "kv_heads": [2] * 3}})["uniform"]
     out = tmp_path / "res" / "edge"
     proc = _run("--full", str(tiny_model), "--subnet", str(sub), "--quick", "--threads", "1", "--nll-tokens", "200",
-                "--ctx", "64", "--work", str(tmp_path / "work"), "--out", str(out), timeout=1800)
+                "--ctx", "64", "--tasks", "arc_easy", "--limit", "3", "--work", str(tmp_path / "work"), "--out",
+                str(out), timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.with_suffix(".json").read_text())
     labels = {r["label"]: r for r in report["rows"]}
@@ -120,4 +131,6 @@ def test_whole_script_on_the_tiny_model(tiny_model, tmp_path, export_subnets):
             "pick genai-int8"} <= set(labels)
     assert all(r["nll"] > 0 for r in report["rows"] if not r.get("skipped"))
     assert labels["full fp32"]["delta_nll"] == 0 and labels["full ort-int8-wo"]["decode_ms"] > 0
+    assert all(r["lm_eval"]["tasks"]["arc_easy"]["n"] == 3 for r in report["rows"] if not r.get("skipped"))
+    assert labels["full gguf-q8_0"]["lm_eval"]["runtime"] == "llamacpp" and labels["full fp32"]["delta_acc"] == 0
     assert out.with_suffix(".png").stat().st_size > 0 and "dominated" in out.with_suffix(".md").read_text()

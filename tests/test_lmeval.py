@@ -277,3 +277,57 @@ def test_wheel_ships_the_tasks_and_they_load_from_it(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith(str(site / "hwnas" / "tasks"))
     assert "'hwnas_piqa': 1838" in proc.stdout and "'hwnas_mmlu_anatomy': 135" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def edge_models(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    """The tiny model as an f16 GGUF (llama.cpp) and an fp32 GenAI folder, where those runtimes are installed."""
+    out, d = {}, tmp_path_factory.mktemp("lmeval_edge")
+    try:
+        import llama_cpp  # noqa: F401
+
+        from hwnas.gguf_export import export_gguf
+
+        export_gguf(tiny_model, d / "tiny.gguf", gguf_type="f16")
+        out["llamacpp"] = d / "tiny.gguf"
+    except ImportError:
+        pass
+    try:
+        import onnxruntime_genai  # noqa: F401
+
+        from hwnas.genai import build_genai
+
+        out["ortgenai"] = Path(build_genai(tiny_model, d / "genai", "fp32")["out"])
+    except ImportError:
+        pass
+    return out
+
+
+@pytest.mark.parametrize("runtime", ["llamacpp", "ortgenai"])
+def test_edge_runtimes_score_requests_as_torch_does(edge_models, runtime, tiny_model, manager):
+    """lm-eval in llama.cpp and GenAI: request by request the log-likelihoods of torch (llama.cpp's KV-cache reuse
+    across the choices of a question included), and `hwnas evaluate` runs end to end on the file or folder."""
+    if runtime not in edge_models:
+        pytest.skip(f"{runtime} is not installed (pip install 'hwnas[edge]')")
+    from hwnas.lmeval_edge import edge_lm, open_scorer
+
+    requests = []
+    for name in ("hwnas_arc_easy", "hwnas_lambada"):
+        task = _one(manager, name)
+        _requests(task, limit=3)
+        requests += task.instances
+    model, tok, _ = load_artifact(tiny_model)
+    want = lm_eval_model(model, tok, batch_size=1, progress=False).loglikelihood(requests)
+    scorer = open_scorer(edge_models[runtime], runtime, threads=1)
+    try:
+        got = edge_lm(scorer, progress=False).loglikelihood(requests)
+    finally:
+        scorer.close()
+    tol = 0.05 if runtime == "llamacpp" else 1e-3  # f16 weights in the GGUF
+    assert len(got) == len(want) == 3 * 4 + 3
+    assert max(abs(a - b) / max(1.0, abs(b)) for (a, _), (b, _) in zip(got, want)) < tol
+    r = evaluate_path(edge_models[runtime], ["arc_easy", "lambada"], limit=3, progress=False)
+    assert r["runtime"] == runtime and r["batch_size"] == 1 and r["tasks"]["arc_easy"]["n"] == 3
+    assert r["model"] == str(edge_models[runtime])
+    with pytest.raises(HwnasError, match="--batch-size 4 is not supported"):
+        evaluate_path(edge_models[runtime], ["arc_easy"], limit=1, batch_size=4, progress=False)

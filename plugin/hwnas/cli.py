@@ -100,7 +100,8 @@ def perplexity(*, model: str = DEFAULT_MODEL, split: str = "validation", limit: 
 
 def evaluate(*, model: str = DEFAULT_MODEL, runtime: str | None = None, tasks: str, limit: int | None = None,
              fewshot: int = 0, batch_size: int | None = None, out: Path, overwrite: bool = False) -> dict[str, Any]:
-    """Accuracy with lm-evaluation-harness (offline hwnas tasks) of a checkpoint, ONNX export or OpenVINO IR."""
+    """Accuracy with lm-evaluation-harness (offline hwnas tasks) of a checkpoint, ONNX export, OpenVINO IR, GGUF file
+    (llama.cpp) or ONNX Runtime GenAI folder."""
     from .common import atomic_write_json
     from .lmeval import evaluate_path, markdown_table, resolve_tasks
 
@@ -367,10 +368,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--split", default="validation", choices=["calibration", "validation", "test"])
     c.add_argument("--limit", type=int, default=None, help="score only the first N passages")
     c.add_argument("--batch-size", type=int, default=8)
-    c = cmd("evaluate", evaluate, "accuracy with lm-evaluation-harness on offline tasks (torch, ONNX or OpenVINO)")
+    c = cmd("evaluate", evaluate, "accuracy with lm-evaluation-harness on offline tasks (torch, ONNX, OpenVINO, "
+            "a GGUF in llama.cpp or an ONNX Runtime GenAI folder)")
     model_arg(c)
-    c.add_argument("--runtime", default=None, choices=["torch", "onnxruntime", "openvino"],
-                   help="default: read from the model folder; if given, it must match the folder")
+    c.add_argument("--runtime", default=None, choices=["torch", "onnxruntime", "openvino", "llamacpp", "ortgenai"],
+                   help="default: read from the model path; if given, it must match the path")
     c.add_argument("--tasks", required=True, help="comma-separated: arc_easy, arc_challenge, piqa, hellaswag, "
                    "winogrande, boolq, lambada, mmlu (or their lm-eval names hwnas_*)")
     c.add_argument("--limit", type=int, default=None, help="score only the first N items of each task "

@@ -31,9 +31,10 @@ Run them with plain lm-eval too::
         'import hwnas.lmeval as m; print(m.TASKS_DIR)')" --tasks hwnas_piqa,hwnas_mmlu
 
 ``--limit N`` (``limit=N``) scores the first N items of each task; for MMLU that is N items *per
-subject* (57 subtasks). Every runtime goes through lm-eval's HFLM: torch models directly, Optimum's
-ORTModelForCausalLM and OVModelForCausalLM through a subclass that calls them with an all-ones
-attention mask and no KV cache (exactly what HFLM's torch call computes).
+subject* (57 subtasks). torch, ONNX Runtime and OpenVINO models go through lm-eval's HFLM: torch models
+directly, Optimum's ORTModelForCausalLM and OVModelForCausalLM through a subclass that calls them with an
+all-ones attention mask and no KV cache (exactly what HFLM's torch call computes). GGUF files in llama.cpp
+and ONNX Runtime GenAI folders go through `hwnas.lmeval_edge`, which scores as HFLM does.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ from typing import Any, Iterator, Sequence
 from unittest import mock
 
 from .common import HwnasError
+from .lmeval_edge import EDGE_RUNTIMES, edge_lm, open_scorer
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ TASKS: dict[str, str] = {
     "lambada": "hwnas_lambada",
     "mmlu": "hwnas_mmlu",
 }
-RUNTIMES = ("torch", "onnxruntime", "openvino")
+RUNTIMES = ("torch", "onnxruntime", "openvino", *EDGE_RUNTIMES)
 _KIND_RUNTIME = {"torch": "torch", "onnx": "onnxruntime", "openvino": "openvino"}
 
 
@@ -231,9 +233,17 @@ def evaluate_model(model: Any, tokenizer: Any, tasks: Sequence[str], *, limit: i
         raise HwnasError("lm-eval needs a tokenizer; the model folder has none")
     progress = progress and sys.stderr.isatty()  # lm-eval's bars redraw a line: only on a terminal
     with _quiet(progress):
+        lm = lm_eval_model(model, tokenizer, batch_size=batch_size, progress=progress)
+    return _evaluate_lm(lm, wanted, runtime=runtime, batch_size=batch_size, limit=limit, fewshot=fewshot, seed=seed,
+                        progress=progress)
+
+
+def _evaluate_lm(lm: Any, wanted: dict[str, str], *, runtime: str, batch_size: int, limit: int | None, fewshot: int,
+                 seed: int, progress: bool) -> dict[str, Any]:
+    """Run lm-eval's `simple_evaluate` on an lm-eval LM and summarize it as `evaluate_model` returns."""
+    with _quiet(progress):
         from lm_eval import simple_evaluate
 
-        lm = lm_eval_model(model, tokenizer, batch_size=batch_size, progress=progress)
         out = simple_evaluate(model=lm, tasks=list(wanted.values()), task_manager=task_manager(),
                               num_fewshot=fewshot, limit=limit, log_samples=True, bootstrap_iters=1000,
                               random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
@@ -314,16 +324,40 @@ def _leaf_tasks(name: str, subtasks: dict[str, list[str]]) -> list[str]:
     return [leaf for child in subtasks[name] for leaf in _leaf_tasks(child, subtasks)]
 
 
+def _edge_format(path: str | Path) -> str | None:
+    """`llamacpp` for a .gguf file, `ortgenai` for a GenAI folder, else None (a folder holding a torch checkpoint
+    as well as a GGUF evaluates the checkpoint unless --runtime says otherwise)."""
+    from .genai import is_genai
+
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return "llamacpp"
+    return "ortgenai" if p.is_dir() and is_genai(p) else None
+
+
 def evaluate_path(path: str | Path, tasks: Sequence[str], *, runtime: str | None = None, limit: int | None = None,
                   fewshot: int = 0, batch_size: int | None = None, progress: bool = True, seed: int = 1234) -> dict[str, Any]:
-    """`evaluate_model` on a model folder: a torch checkpoint, an ONNX export or an OpenVINO IR.
+    """`evaluate_model` on a model folder: a torch checkpoint, an ONNX export or an OpenVINO IR; or on a GGUF file
+    (llama.cpp) or an ONNX Runtime GenAI folder, scored in that runtime (`hwnas.lmeval_edge`).
 
-    `runtime` (torch, onnxruntime or openvino), when given, must be the one the folder holds.
+    `runtime` (torch, onnxruntime, openvino, llamacpp or ortgenai), when given, must be one the path holds.
     """
     from .loading import load_artifact, resolve_model
 
-    resolve_tasks(tasks)  # bad arguments fail before the model loads
+    wanted = resolve_tasks(tasks)  # bad arguments fail before the model loads
     _check(limit, fewshot, 1 if batch_size is None else batch_size)
+    if runtime in EDGE_RUNTIMES or (runtime is None and _edge_format(path)):
+        if batch_size not in (None, 1):
+            raise HwnasError(f"--batch-size {batch_size} is not supported for llama.cpp and GenAI models; "
+                             "expected 1 (they score one request at a time)")
+        scorer = open_scorer(path, runtime or _edge_format(path))
+        try:
+            progress = progress and sys.stderr.isatty()
+            result = _evaluate_lm(edge_lm(scorer, progress), wanted, runtime=scorer.runtime, batch_size=1,
+                                  limit=limit, fewshot=fewshot, seed=seed, progress=progress)
+        finally:
+            scorer.close()
+        return {"model": str(scorer.path), **result}
     folder = resolve_model(path)
     if runtime is not None:
         runtime = {"onnx": "onnxruntime"}.get(runtime, runtime)
