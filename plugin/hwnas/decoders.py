@@ -16,6 +16,7 @@ import numpy as np
 
 from . import runner
 from .common import HwnasError
+from .fused import FUSED_KEY
 from .genai import GenAILM
 from .llamacpp import LlamaCppLM
 from .loading import load_model
@@ -75,8 +76,6 @@ class OrtLM:
     def __init__(self, path: Path, threads: int, context: int | None = None) -> None:
         import onnxruntime as ort
 
-        from .fused import is_fused
-
         self.sess = runner.ort_session(path, threads)
         ins = {i.name: i for i in self.sess.get_inputs()}
         self.outputs = [o.name for o in self.sess.get_outputs()]
@@ -91,9 +90,9 @@ class OrtLM:
         self.vocab = last if isinstance(last, int) else cfg["vocab_size"]
         if context is not None and context < 1:
             raise HwnasError(f"context {context} cannot hold a token; expected at least 1")
-        import onnx
-
-        self.context = context if context and is_fused(onnx.load(str(path), load_external_data=False)) else None
+        # the exporter marks the config of a graph with GroupQueryAttention (reading the graph would add its weights
+        # to the worker's peak memory)
+        self.context = context if context and cfg.get(FUSED_KEY) else None
         self.info = {"intra_op_threads": threads,
                      "kv_cache": f"shared past/present buffer of {self.context} slots" if self.context else "fed back"}
         self.ortvalue = ort.OrtValue.ortvalue_from_numpy  # wraps an array without a copy

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import HwnasError, atomic_dir, atomic_write_json, read_json
+from .fused import FUSED_KEY
 from .space import SubnetConfig
 
 
@@ -172,7 +173,6 @@ def register_optimum() -> None:
     _REGISTERED = True
 
 
-FUSED_KEY = "hwnas_fused_attention"  # config.json of an ONNX folder whose attention is onnxruntime's fused op
 
 
 def runtime_config(folder: Path, *, fused_attention: bool = False) -> None:

@@ -24,6 +24,7 @@ from .common import HwnasError
 
 DOMAIN = "com.microsoft"
 HEAD_MULTIPLE = 16  # onnxruntime's GroupQueryAttention refuses other head sizes
+FUSED_KEY = "hwnas_fused_attention"  # config.json of an ONNX folder whose attention is onnxruntime's fused op
 
 
 @functools.lru_cache(maxsize=None)
