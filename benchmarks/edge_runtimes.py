@@ -206,34 +206,34 @@ def torch_nll(folder: Path, ids: list[int], *, threads: int, ctx: int) -> dict[s
     return nll_report(per_token, ctx)
 
 
+def cached(cache: Path, key: list[Any], what: str, compute: Any) -> dict[str, Any]:
+    """`compute()`, saved under `cache` by a hash of `key` (artifact, how it was made, inputs) and read back."""
+    f = cache / f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.json"
+    if f.is_file():
+        return read_json(f)
+    print(f"{what} ...", file=sys.stderr, flush=True)
+    result = compute()
+    atomic_write_json(f, result)
+    return result
+
+
 def nll_of(entry: dict[str, Any], ids: list[int], *, threads: int, ctx: int, cache: Path) -> dict[str, Any]:
     """The entry's NLL on `ids`, cached by artifact, ids and window."""
     from hwnas.genai import genai_nll
     from hwnas.llamacpp import gguf_nll
 
-    key = hashlib.sha256(json.dumps([entry["path"], entry.get("via"), ids, ctx]).encode()).hexdigest()[:16]
-    f = cache / f"{key}.json"
-    if f.is_file():
-        return read_json(f)
-    print(f"scoring {entry['label']} ...", file=sys.stderr, flush=True)
     fn = {"onnxruntime": ort_nll, "llamacpp": gguf_nll, "ortgenai": genai_nll, "torch": torch_nll}[entry["runtime"]]
-    result = fn(Path(entry["path"]), ids, threads=threads, ctx=ctx)
-    atomic_write_json(f, result)
-    return result
+    return cached(cache, [entry["path"], entry.get("via"), ids, ctx], f"scoring {entry['label']}",
+                  lambda: fn(Path(entry["path"]), ids, threads=threads, ctx=ctx))
 
 
 def accuracy_of(entry: dict[str, Any], tasks: list[str], *, limit: int | None, cache: Path) -> dict[str, Any]:
     """The entry's lm-eval result on `tasks` (the first `limit` items of each) in its own runtime, cached."""
     from hwnas.lmeval import evaluate_path
 
-    key = hashlib.sha256(json.dumps([entry["path"], entry.get("via"), tasks, limit]).encode()).hexdigest()[:16]
-    f = cache / f"{key}.json"
-    if f.is_file():
-        return read_json(f)
-    print(f"lm-eval {entry['label']} ...", file=sys.stderr, flush=True)
-    result = evaluate_path(entry["path"], tasks, runtime=entry["runtime"], limit=limit, batch_size=1, progress=False)
-    atomic_write_json(f, result)
-    return result
+    return cached(cache, [entry["path"], entry.get("via"), tasks, limit], f"lm-eval {entry['label']}",
+                  lambda: evaluate_path(entry["path"], tasks, runtime=entry["runtime"], limit=limit, batch_size=1,
+                                        progress=False))
 
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:

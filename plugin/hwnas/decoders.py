@@ -85,6 +85,7 @@ class OrtLM:
         dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
         self.empty = {n: np.zeros((1, dim(i.shape[1], "num_key_value_heads"), 0, dim(i.shape[3], "head_dim")),
                                   dtypes[i.type]) for n, i in ins.items() if n.startswith("past_key_values.")}
+        self.present = {p: "present" + p[len("past_key_values"):] for p in self.empty}  # each past's output
         self.position = "position_ids" in ins
         last = self.sess.get_outputs()[0].shape[-1]
         self.vocab = last if isinstance(last, int) else cfg["vocab_size"]
@@ -110,7 +111,7 @@ class OrtLM:
         # the KV cache stays in onnxruntime's OrtValues from step to step (no copy out to numpy and back)
         out = dict(zip(self.outputs, self.sess.run_with_ort_values(self.outputs, {
             **{k: self.ortvalue(v) for k, v in self._feeds(ids).items()}, **self.kv})))
-        presents = {p: out["present" + p[len("past_key_values"):]] for p in self.empty}
+        presents = {p: out[self.present[p]] for p in self.empty}
         if self.context is None:
             self.kv = presents
         else:  # the first step sizes each layer's buffer (per-layer KV heads) and fills its first slots
@@ -122,7 +123,7 @@ class OrtLM:
                 self.buffers[p] = buffer  # owns the memory the OrtValue wraps
                 slot = self.ortvalue(buffer)
                 self.binding.bind_ortvalue_input(p, slot)
-                self.binding.bind_ortvalue_output("present" + p[len("past_key_values"):], slot)
+                self.binding.bind_ortvalue_output(self.present[p], slot)
             self.binding.bind_output("logits")
         self.pos += n
         return out["logits"].numpy()[0, -1]

@@ -346,11 +346,12 @@ def evaluate_path(path: str | Path, tasks: Sequence[str], *, runtime: str | None
 
     wanted = resolve_tasks(tasks)  # bad arguments fail before the model loads
     _check(limit, fewshot, 1 if batch_size is None else batch_size)
-    if runtime in EDGE_RUNTIMES or (runtime is None and _edge_format(path)):
+    edge = runtime if runtime in EDGE_RUNTIMES else _edge_format(path) if runtime is None else None
+    if edge is not None:
         if batch_size not in (None, 1):
             raise HwnasError(f"--batch-size {batch_size} is not supported for llama.cpp and GenAI models; "
                              "expected 1 (they score one request at a time)")
-        scorer = open_scorer(path, runtime or _edge_format(path))
+        scorer = open_scorer(path, edge)
         try:
             progress = progress and sys.stderr.isatty()
             result = _evaluate_lm(edge_lm(scorer, progress), wanted, runtime=scorer.runtime, batch_size=1,

@@ -15,7 +15,7 @@ import numpy as np
 
 from .common import HwnasError
 from .genai import genai_config, open_model, require_genai
-from .llamacpp import open_gguf
+from .llamacpp import check_gguf, open_gguf, token_nll
 
 EDGE_RUNTIMES = ("llamacpp", "ortgenai")
 MAX_LENGTH = 2048  # HFLM's default window
@@ -27,15 +27,15 @@ class GgufScorer:
     runtime = "llamacpp"
 
     def __init__(self, path: str | Path, threads: int, max_length: int = MAX_LENGTH) -> None:
-        self.path = Path(path)
-        probe = open_gguf(self.path, threads=threads, ctx=8, logits_all=False)  # reads the trained context
-        meta = probe.metadata
-        self.max_length = min(max_length, int(meta.get(f"{meta.get('general.architecture')}.context_length",
-                                                        max_length)))
-        probe.close()
+        from gguf import GGUFReader
+
+        self.path = check_gguf(path)
+        fields = GGUFReader(str(self.path)).fields  # the trained context, read without loading the model
+        arch = fields["general.architecture"].contents() if "general.architecture" in fields else None
+        trained = fields.get(f"{arch}.context_length")
+        self.max_length = min(max_length, int(trained.contents()) if trained is not None else max_length)
         self.llm = open_gguf(self.path, threads=threads, ctx=self.max_length, logits_all=True)
         self.eot = int(self.llm.token_eos())
-        self.vocab = int(self.llm.n_vocab())
         self.done: list[int] = []  # the tokens whose KV cache and logits the context holds
 
     def encode(self, text: str) -> list[int]:
@@ -67,7 +67,6 @@ class GenAIScorer:
         self.max_length = min(max_length, int(config.get("context_length") or max_length))
         eos = config.get("eos_token_id")
         self.eot = int(eos[0] if isinstance(eos, list) else eos)
-        self.vocab = int(config["vocab_size"])
 
     def encode(self, text: str) -> list[int]:
         return [int(t) for t in self.tokenizer.encode(text)]
@@ -112,12 +111,8 @@ def edge_lm(scorer: GgufScorer | GenAIScorer, progress: bool) -> Any:
                 if not continuation:
                     raise HwnasError(f"lm-eval asked for an empty continuation after {len(context)} context tokens")
                 ids = (context + continuation)[-(scorer.max_length + 1):][:-1]
-                logits = scorer.logits(ids)[-len(continuation):].astype(np.float64)
-                top = logits.max(axis=1, keepdims=True)
-                logp = logits - (top + np.log(np.exp(logits - top).sum(axis=1, keepdims=True)))
-                target = np.array(continuation)
-                out.append((float(logp[np.arange(len(target)), target].sum()),
-                            bool((logits.argmax(axis=1) == target).all())))
+                logits, target = scorer.logits(ids)[-len(continuation):], np.array(continuation)
+                out.append((-float(token_nll(logits, target).sum()), bool((logits.argmax(axis=1) == target).all())))
             return out
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
