@@ -21,7 +21,7 @@ def test_calibration_text_mixes_books_and_coqa_by_sequence_and_reads_the_ends_ap
     from transformers import AutoTokenizer
 
     from hwnas import HwnasError
-    from hwnas.data import coqa_stories
+    from hwnas.data import coqa_calibration_stories, coqa_stories
     from hwnas.supernet import Calibration, calibration_batches
 
     stories = coqa_stories()
@@ -34,6 +34,11 @@ def test_calibration_text_mixes_books_and_coqa_by_sequence_and_reads_the_ends_ap
     coqa = tok("".join(stories[:3]), add_special_tokens=False)["input_ids"]
     assert mixed[1, :16].tolist() == coqa[:16]  # CoQA's first story starts the other sequences
     end = calibration_batches(tok, Calibration(4, 64), from_end=True)
+    last = tok(stories[-1], add_special_tokens=False)["input_ids"]
+    assert end[1, :16].tolist() == last[:16]  # read from the last story backwards
+    reserved = sum(len(ids) + 1 for ids in tok(coqa_calibration_stories(), add_special_tokens=False)["input_ids"])
+    with pytest.raises(HwnasError, match="calibration text gives"):  # never reads into the training stories
+        calibration_batches(tok, Calibration(2, reserved + 1))
     assert not set(map(tuple, end.tolist())) & set(map(tuple, mixed.tolist()))
     assert Calibration(4, 64).key() != Calibration(4, 64, source="lambada").key() == "lambada-calibration-4x64"
     with pytest.raises(HwnasError, match="calibration source 'web' is not known"):
@@ -43,18 +48,19 @@ def test_calibration_text_mixes_books_and_coqa_by_sequence_and_reads_the_ends_ap
 def test_training_corpus_shares_no_text_with_anything_hwnas_calibrates_selects_or_evaluates_on():
     import re
 
-    from hwnas.data import TRAINING_CORPUS, held_out_texts, sentences, training_texts
+    from hwnas.data import TRAINING_CORPUS, coqa_stories, held_out_texts, sentences, training_texts
 
     corpus = training_texts()
     assert corpus.name == TRAINING_CORPUS and len(corpus.texts) == len(set(corpus.texts)) > 10_000
     assert sum(map(len, corpus.texts)) > 5_000_000  # about 1.5M tokens
     held = held_out_texts()
     sizes = {k: len(v) for k, v in held.items()}
-    assert sizes["lambada"] == 5153 and sizes["coqa"] == 499 and sizes["boolq"] == 3270 and sizes["mmlu"] > 14_000
+    assert sizes["lambada"] == 5153 and sizes["coqa"] == 96 and sizes["boolq"] == 3270 and sizes["mmlu"] > 14_000
     assert {"sciq", "openbookqa", "social_iqa", "arc-easy", "arc-challenge", "piqa", "hellaswag", "winogrande"} < set(held)
     # whole passages, then normalized sentences of 8+ words, then any 13-word span
     exact = {t.strip() for v in held.values() for t in v}
     assert not [t for t in corpus.texts if t.strip() in exact]
+    assert len(set(corpus.texts) & set(coqa_stories())) > 350  # the stories calibration never reads
     held_sentences = set().union(*(sentences(t) for v in held.values() for t in v))
     assert not [t for t in corpus.texts if sentences(t) & held_sentences]
     word = re.compile(r"[a-z0-9]+")

