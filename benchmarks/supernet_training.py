@@ -122,6 +122,7 @@ def main() -> None:
     p.add_argument("--eval-rows", type=int, default=32, help="held-out sequences (default 32)")
     p.add_argument("--eval-seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--largest-weight", type=float, default=1.0, help="weight of the largest sub-network's loss")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--calibration-source", default=CALIBRATION_SOURCE)
@@ -165,6 +166,7 @@ def main() -> None:
         work / "supernet" / "hwnas_supernet.json").is_file() else None
     if trained is None or (not trained["complete"] and spent < args.minutes):
         train_supernet(model=args.model, tokens=tokens, out=work / "supernet", resume=True, lr=args.lr,
+                       largest_weight=args.largest_weight,
                        batch_size=args.batch_size, seq_len=args.seq_len, calibration_source=args.calibration_source,
                        minutes=max(args.minutes - spent, 0.01))
         (work / "after.json").unlink(missing_ok=True)  # the weights changed
@@ -199,7 +201,8 @@ def main() -> None:
         f"# Supernet training (InstaTune, sandwich rule) on {args.model}", "",
         f"{result['tokens']:,} training tokens ({result['train_text']}) in {result['minutes']:.1f} min "
         f"({result['tokens_per_s'] or math.nan:.0f} tokens/s, {result['processes']} process(es), bf16 "
-        f"{result['bf16']}); held-out: {result['held_out']}.", "",
+        f"{result['bf16']}); learning rate {result['config']['lr']:g}, the largest sub-network's loss weighted "
+        f"{training.get('largest_weight', 1.0):g}; held-out: {result['held_out']}.", "",
         "| | before | after | change | target |", "|---|---|---|---|---|",
         f"| mean loss gap, {len(rows)} sub-networks (nats) | {result['mean_gap_before']:.4f} | "
         f"{result['mean_gap_after']:.4f} | {result['mean_gap_change']:+.1%} | <= -30% |",

@@ -75,6 +75,24 @@ def test_each_step_trains_the_largest_the_smallest_and_two_random_subnets(tiny_m
     assert sandwich(space, 7) == sandwich(space, 7) != sandwich(space, 8)
 
 
+def test_the_largest_subnets_loss_takes_its_weight(tiny_model, trained):
+    from hwnas.distill import kd_loss
+
+    sn = Supernet.from_pretrained(trained)
+    teacher, _ = load_model(tiny_model)
+    batch = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for w in (1.0, 3.0):
+        torch.manual_seed(5)  # the step's seed: both losses draw the same random sub-networks
+        losses[w] = float(SandwichLoss(sn, teacher, largest_weight=w)(batch))
+    with torch.no_grad():
+        largest = float(kd_loss(sn(batch).logits, teacher(batch).logits))
+    assert largest > 1e-4  # the trained supernet's full model has moved off the teacher
+    assert losses[3.0] - losses[1.0] == pytest.approx(2 * largest, rel=1e-4)
+    with pytest.raises(HwnasError, match="--largest-weight must be positive, got 0"):
+        train_supernet(model=str(tiny_model), tokens=64, out=Path("unused"), largest_weight=0, **ARGS)
+
+
 def test_training_narrows_the_gap_of_fixed_subnets(tiny_model, trained, tmp_path):
     teacher, tok = load_model(tiny_model)
     held_out = pack_tokens(tok, _text(tmp_path / "held_out.txt", seed=1).read_text().split("\n\n"), 16, rows=32)

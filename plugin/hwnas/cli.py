@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 from . import defaults as D
 from .common import HwnasError, output_lock, point_library_caches, prepare_output
-from .data import CALIBRATION_SOURCES
+from .data import CALIBRATION_SOURCES, TRAINING_SOURCES
 from .defaults import DEFAULT_MODEL
 from .gguf_export import GGUF_TYPES
 from .runner import RunnerError
@@ -236,8 +236,9 @@ def run(*, model: str = DEFAULT_MODEL, runtime: str = "onnxruntime", precision: 
 
 def train_supernet(*, model: str = DEFAULT_MODEL, tokens: int, out: Path, resume: bool = False, mlp_step: int = 64,
                    calibration_source: str = D.CALIBRATION_SOURCE, lr: float = 1e-4, seq_len: int = 256,
-                   batch_size: int = 8, micro_batch: int = 4, random_subnets: int = 2, train_text: Path | None = None,
-                   seed: int = 0, checkpoint_every: int = 25, minutes: float | None = None, bf16: bool | None = None,
+                   batch_size: int = 8, micro_batch: int = 4, random_subnets: int = 2, largest_weight: float = 1.0,
+                   train_text: Path | None = None, seed: int = 0, checkpoint_every: int = 25,
+                   minutes: float | None = None, bf16: bool | None = None,
                    overwrite: bool = False) -> dict[str, Any] | None:
     """Train the supernet once with the sandwich rule (InstaTune) and write it as a folder that `--model` takes."""
     from .distill import distributed_state
@@ -245,7 +246,8 @@ def train_supernet(*, model: str = DEFAULT_MODEL, tokens: int, out: Path, resume
 
     result = run_training(model=model, tokens=tokens, out=out, resume=resume, mlp_step=mlp_step,
                           calibration_source=calibration_source, lr=lr, seq_len=seq_len, batch_size=batch_size,
-                          micro_batch=micro_batch, random_subnets=random_subnets, train_text=train_text, seed=seed,
+                          micro_batch=micro_batch, random_subnets=random_subnets, largest_weight=largest_weight,
+                          train_text=train_text, seed=seed,
                           checkpoint_every=checkpoint_every, minutes=minutes, bf16=bf16, overwrite=overwrite)
     return result if distributed_state().is_main_process else None  # one report under `accelerate launch`
 
@@ -327,6 +329,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="text that orders the channels by importance and that the KL is measured on: "
                             + "; ".join(f"{k}: {v}" for k, v in CALIBRATION_SOURCES.items())
                             + f" (default {D.CALIBRATION_SOURCE})")
+
+    def train_text_arg(c: argparse.ArgumentParser) -> None:
+        c.add_argument("--train-text", type=Path, default=None,
+                       help="training text: plain text (blank-line paragraphs) or JSONL with a `text` field (default: "
+                            + ", ".join(TRAINING_SOURCES.values()) + "; disjoint from every text hwnas calibrates, "
+                            "selects or evaluates on)")
 
     c = cmd("space", space, "print the search space as JSON and its size")
     model_arg(c)
@@ -500,9 +508,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--micro-batch", type=int, default=4, help="sequences per forward pass (default 4)")
     c.add_argument("--random-subnets", type=int, default=2,
                    help="random sub-networks per step besides the largest and the smallest (default 2)")
-    c.add_argument("--train-text", type=Path, default=None,
-                   help="training text: plain text (blank-line paragraphs) or JSONL with a `text` field "
-                        "(default: SQuAD, DROP and Qasper passages, disjoint from every text hwnas evaluates on)")
+    c.add_argument("--largest-weight", type=float, default=1.0,
+                   help="weight of the largest sub-network's loss; above 1 keeps the full model nearer the original "
+                        "(default 1)")
+    train_text_arg(c)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--checkpoint-every", type=int, default=25, help="optimizer steps between checkpoints (default 25)")
     c.add_argument("--minutes", type=float, default=None,
@@ -528,9 +537,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence (default 256)")
     c.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step, all processes (default 8)")
     c.add_argument("--micro-batch", type=int, default=4, help="sequences per forward pass (default 4)")
-    c.add_argument("--train-text", type=Path, default=None,
-                   help="training text: plain text (blank-line paragraphs) or JSONL with a `text` field "
-                        "(default: SQuAD, DROP and Qasper passages, disjoint from every text hwnas evaluates on)")
+    train_text_arg(c)
     c.add_argument("--train-embeddings", action="store_true", help="train the (tied) embedding and LM head too")
     c.add_argument("--checkpoint-every", type=int, default=25, help="optimizer steps between checkpoints (default 25)")
     c.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,

@@ -2,7 +2,8 @@
 
 Every optimizer step trains the largest sub-network, the smallest and a few random ones, each distilled from
 the frozen original model's logits (one teacher forward per micro-batch, shared by all of them); their losses,
-and so their gradients, are summed. The result is a supernet folder (`Supernet.save_pretrained`: weights in
+and so their gradients, are summed, the largest sub-network's weighted by `largest_weight` (above 1 it holds the
+full model nearer the original while the others train). The result is a supernet folder (`Supernet.save_pretrained`: weights in
 importance order plus `SUPERNET_FILE`) that `hwnas search/baseline/export/run --model DIR` take as a model.
 """
 from __future__ import annotations
@@ -42,8 +43,8 @@ class SandwichLoss:
     """
 
     def __init__(self, supernet: Supernet, teacher: torch.nn.Module, *, random_subnets: int = 2,
-                 temperature: float = 1.0, hard_weight: float = 0.0) -> None:
-        self.sn, self.teacher = supernet, teacher
+                 temperature: float = 1.0, hard_weight: float = 0.0, largest_weight: float = 1.0) -> None:
+        self.sn, self.teacher, self.largest_weight = supernet, teacher, largest_weight
         self.random_subnets, self.temperature, self.hard_weight = random_subnets, temperature, hard_weight
         self.steps: list[list[SubnetConfig]] = []  # the sub-networks of each step run so far
         self._step_seed: int | None = None
@@ -65,11 +66,12 @@ class SandwichLoss:
             labels[:, :-1] = batch[:, 1:]
         total = torch.zeros((), device=batch.device)
         try:
-            for cfg in configs:
+            for i, cfg in enumerate(configs):
                 self.sn.set_active(cfg)
                 logits = self.sn(batch, use_cache=False).logits
-                total = total + kd_loss(logits, teacher, temperature=self.temperature, labels=labels,
-                                        hard_weight=self.hard_weight)
+                weight = self.largest_weight if i == 0 else 1.0  # sandwich() puts the largest first
+                total = total + weight * kd_loss(logits, teacher, temperature=self.temperature, labels=labels,
+                                                 hard_weight=self.hard_weight)
         finally:
             self.sn.set_max()
         return total
@@ -78,7 +80,8 @@ class SandwichLoss:
 def train_supernet(*, model: str = DEFAULT_MODEL, tokens: int, out: str | Path, resume: bool = False,
                    mlp_step: int = 64, calibration_source: str = CALIBRATION_SOURCE, lr: float = 1e-4,
                    seq_len: int = 256, batch_size: int = 8, micro_batch: int = 4, random_subnets: int = 2,
-                   temperature: float = 1.0, train_text: str | Path | None = None, seed: int = 0,
+                   temperature: float = 1.0, largest_weight: float = 1.0, train_text: str | Path | None = None,
+                   seed: int = 0,
                    checkpoint_every: int = 25, minutes: float | None = None, bf16: bool | None = None,
                    overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train `model`'s supernet (channels in the `calibration_source` importance order) on `tokens` training tokens
@@ -96,13 +99,16 @@ def train_supernet(*, model: str = DEFAULT_MODEL, tokens: int, out: str | Path, 
         raise HwnasError(f"--random-subnets must be 0 or more, got {random_subnets}")
     if minutes is not None and not minutes > 0:
         raise HwnasError(f"--minutes must be positive, got {minutes}")
+    if not largest_weight > 0:
+        raise HwnasError(f"--largest-weight must be positive, got {largest_weight}")
     cfg = TrainConfig(tokens=tokens, seq_len=seq_len, batch_size=batch_size, micro_batch=micro_batch, lr=lr,
                       temperature=temperature, seed=seed, checkpoint_every=checkpoint_every, bf16=bf16)
     calibration = Calibration(source=calibration_source)
     text = training_texts(train_text)
     source = str(model) if str(model) == DEFAULT_MODEL else str(path)
     extra = {"kind": "supernet", "model": source, "mlp_step": mlp_step, "calibration": calibration.key(),
-             "random_subnets": random_subnets, "train_text": text.name, "train_text_fingerprint": text.fingerprint}
+             "random_subnets": random_subnets, "largest_weight": largest_weight, "train_text": text.name,
+             "train_text_fingerprint": text.fingerprint}
     out = Path(out).resolve()
     ckpt = out / CHECKPOINT_DIR
     if out.is_file():
@@ -122,11 +128,13 @@ def train_supernet(*, model: str = DEFAULT_MODEL, tokens: int, out: str | Path, 
     teacher, _ = load_model(path)
     teacher.requires_grad_(False)
     ids = pack_tokens(sn.tokenizer, text.texts, seq_len, rows=cfg.steps * cfg.batch_size)
-    loss = SandwichLoss(sn, teacher, random_subnets=random_subnets, temperature=temperature)
+    loss = SandwichLoss(sn, teacher, random_subnets=random_subnets, temperature=temperature,
+                        largest_weight=largest_weight)
     result = train(sn, loss, ids, cfg, out=ckpt, resume=resume, progress=progress, extra=extra, minutes=minutes)
     summary = {"source": source, "tokens": result["tokens"], "planned_tokens": result["planned_tokens"],
                "steps": result["steps"], "complete": result["complete"], "train_text": text.name,
                "train_text_rows": len(ids), "sandwich": ["largest", "smallest"] + ["random"] * random_subnets,
+               "largest_weight": largest_weight,
                "config": cfg.to_dict(), "processes": result["processes"], "bf16": result["bf16"],
                "elapsed_s": result["elapsed_s"], "tokens_per_s": result["tokens_per_s"], "stopped": result["stopped"]}
     if state.is_main_process:
