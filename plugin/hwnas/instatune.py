@@ -3,8 +3,9 @@
 Every optimizer step trains the largest sub-network, the smallest and a few random ones, each distilled from
 the frozen original model's logits (one teacher forward per micro-batch, shared by all of them); their losses,
 and so their gradients, are summed, the largest sub-network's weighted by `largest_weight` (above 1 it holds the
-full model nearer the original while the others train). The result is a supernet folder (`Supernet.save_pretrained`: weights in
-importance order plus `SUPERNET_FILE`) that `hwnas search/baseline/export/run --model DIR` take as a model.
+full model nearer the original while the others train). The result is a supernet folder
+(`Supernet.save_pretrained`: weights in importance order plus `SUPERNET_FILE`) that
+`hwnas search/baseline/export/run --model DIR` take as a model.
 """
 from __future__ import annotations
 
@@ -81,8 +82,7 @@ def train_supernet(*, model: str = DEFAULT_MODEL, tokens: int, out: str | Path, 
                    mlp_step: int = 64, calibration_source: str = CALIBRATION_SOURCE, lr: float = 1e-4,
                    seq_len: int = 256, batch_size: int = 8, micro_batch: int = 4, random_subnets: int = 2,
                    temperature: float = 1.0, largest_weight: float = 1.0, train_text: str | Path | None = None,
-                   seed: int = 0,
-                   checkpoint_every: int = 25, minutes: float | None = None, bf16: bool | None = None,
+                   seed: int = 0, checkpoint_every: int = 25, minutes: float | None = None, bf16: bool | None = None,
                    overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train `model`'s supernet (channels in the `calibration_source` importance order) on `tokens` training tokens
     with the sandwich rule, distilled from the frozen `model`, and write it as a supernet folder `out`.
