@@ -331,7 +331,7 @@ LINAS_ARGS = {**ARGS, "algorithm": "linas"}
 LINAS_STATE = {**STATE, "args": LINAS_ARGS, "algorithm": LinasState(0, [2, 0, 3, 1]).to_dict("linas")}
 
 
-def resume(folder: Path, args: dict[str, Any]) -> None:
+def resume(folder: Path, args: dict[str, Any]) -> Any:
     """Every check `hwnas search --resume` makes of state.json, without loading the model."""
     from pymoo.core.problem import Problem
     from pymoo.core.termination import NoTermination
@@ -348,6 +348,7 @@ def resume(folder: Path, args: dict[str, Any]) -> None:
     problem = Problem(n_var=ENCODER.n_var, n_obj=3, n_ieq_constr=1, xl=lo, xu=hi, vtype=int)
     algo = nsga2(4, np.tile(hi, (4, 1))).setup(problem, termination=NoTermination(), seed=0)
     f.restore_nsga2(algo, ENCODER, 1)
+    return algo
 
 
 def resume_loads_or_refuses(content: str | bytes, args: dict[str, Any]) -> None:
@@ -358,6 +359,20 @@ def resume_loads_or_refuses(content: str | bytes, args: dict[str, Any]) -> None:
         if isinstance(e, HwnasError):
             assert str(path) in str(e) or str(e).startswith("cannot resume: "), str(e)
         assert snapshot(d) == before
+
+
+def test_a_restored_nsga2_takes_a_generation_after_its_mating_ran_dry():
+    from pymoo.core.population import Population
+
+    with fresh_folder() as d:
+        write(d / "state.json", json.dumps(STATE))
+        algo = resume(d, ARGS)
+    algo.termination.force_termination = True  # what pymoo's mating does when every offspring is a duplicate
+    lo, _ = ENCODER.bounds
+    pop = Population.new("X", np.tile(lo, (4, 1)))
+    pop.set("F", np.ones((4, 3)), "G", -np.ones((4, 1)))
+    algo.tell(infills=pop)  # finalizes, which reads the start time a fresh run's first ask sets
+    assert algo.n_iter == STATE["algorithm"]["n_iter"] + 1
 
 
 @pytest.mark.parametrize("state, args", [(STATE, ARGS), (LINAS_STATE, LINAS_ARGS)])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
@@ -233,6 +234,8 @@ class StateFile:
                 ind.set("crowding", self.num(c, "crowding"))
         self.rng(self.field(d, "rng", dict, "algorithm.", "a generator state"), algo.random_state, "algorithm.rng")
         algo.pop, algo.n_iter, algo.is_initialized = p, n_iter, True
+        # what pymoo's own first ask sets: a later tell finalizes with it once mating runs dry (force_termination)
+        algo.start_time = time.time()
 
     def genes(self, x: Any, lo: np.ndarray, hi: np.ndarray, where: str) -> np.ndarray:
         ok = (isinstance(x, list) and len(x) == len(lo)
