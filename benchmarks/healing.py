@@ -285,6 +285,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
             half = (sub["accuracy"] + HOUR_RECOVERY * (full["accuracy"] - sub["accuracy"])) * 100
             ax.axhline(half, color="gray", ls=":", lw=1, label="half of the loss recovered")
         ax.set_xscale("symlog", linthresh=max(1, min((p["tokens"] for p in curve if p["tokens"]), default=1)))
+        ax.set_xlim(0, max(p["tokens"] for p in r["points"]) * 1.3)  # matplotlib's symlog margin goes below 0
         ax.set_xlabel("training tokens")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
