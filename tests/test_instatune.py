@@ -75,7 +75,7 @@ def test_each_step_trains_the_largest_the_smallest_and_two_random_subnets(tiny_m
     assert sandwich(space, 7) == sandwich(space, 7) != sandwich(space, 8)
 
 
-def test_the_largest_subnets_loss_takes_its_weight(tiny_model, trained):
+def test_the_largest_subnets_loss_takes_its_weight(tiny_model, trained, tmp_path):
     from hwnas.distill import kd_loss
 
     sn = Supernet.from_pretrained(trained)
@@ -90,7 +90,8 @@ def test_the_largest_subnets_loss_takes_its_weight(tiny_model, trained):
     assert largest > 1e-4  # the trained supernet's full model has moved off the teacher
     assert losses[3.0] - losses[1.0] == pytest.approx(2 * largest, rel=1e-4)
     with pytest.raises(HwnasError, match="--largest-weight must be positive, got 0"):
-        train_supernet(model=str(tiny_model), tokens=64, out=Path("unused"), largest_weight=0, **ARGS)
+        train_supernet(model=str(tiny_model), tokens=64, out=tmp_path / "w0", largest_weight=0, **ARGS)
+    assert not (tmp_path / "w0").exists()  # refused before anything is written
 
 
 def test_training_narrows_the_gap_of_fixed_subnets(tiny_model, trained, tmp_path):

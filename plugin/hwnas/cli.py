@@ -247,7 +247,8 @@ def train_supernet(*, model: str = DEFAULT_MODEL, tokens: int, out: Path, resume
     result = run_training(model=model, tokens=tokens, out=out, resume=resume, mlp_step=mlp_step,
                           calibration_source=calibration_source, lr=lr, seq_len=seq_len, batch_size=batch_size,
                           micro_batch=micro_batch, random_subnets=random_subnets, largest_weight=largest_weight,
-                          train_text=train_text, seed=seed, checkpoint_every=checkpoint_every, minutes=minutes, bf16=bf16, overwrite=overwrite)
+                          train_text=train_text, seed=seed, checkpoint_every=checkpoint_every, minutes=minutes,
+                          bf16=bf16, overwrite=overwrite)
     return result if distributed_state().is_main_process else None  # one report under `accelerate launch`
 
 
